@@ -1,0 +1,55 @@
+"""The built-in dataset: generated on first use into the cache folder and reused after.
+
+``train`` without ``--data`` calls :func:`ensure_training_cache`, which writes
+``data.demo_cases`` synthetic cases (seed ``data.demo_seed``, BraTS 2021 layout) and
+preprocesses them; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from brats_psp.config import DataConfig
+from brats_psp.data.transforms import preprocessing_params
+
+__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for"]
+
+log = logging.getLogger(__name__)
+
+_DONE = ".complete"
+
+
+def ensure_demo_dataset(cfg: DataConfig) -> Path:
+    """Folder of the built-in synthetic set for ``cfg`` (generated if missing or incomplete)."""
+    from brats_psp.data.synthetic import write_dataset
+
+    raw = Path(cfg.cache_dir) / f"demo-seed{cfg.demo_seed}-n{cfg.demo_cases}" / "raw"
+    if not (raw / _DONE).is_file():
+        log.info("generating the built-in synthetic set (%d cases, seed %d) in %s", cfg.demo_cases, cfg.demo_seed, raw)
+        write_dataset(raw, cfg.demo_cases, seed=cfg.demo_seed, fmt="brats2021", progress=True)
+        (raw / _DONE).write_text(json.dumps({"cases": cfg.demo_cases, "seed": cfg.demo_seed}))
+    return raw
+
+
+def cache_folder_for(data: Path, cfg: DataConfig) -> Path:
+    """Where the preprocessed cache of ``data`` lives: one folder per (dataset, preprocessing)."""
+    params = json.dumps(preprocessing_params(cfg.spacing), sort_keys=True)
+    key = hashlib.sha1(f"{Path(data).resolve()}|{params}|{cfg.layout}".encode()).hexdigest()[:10]
+    return Path(cfg.cache_dir) / "preprocessed" / f"{Path(data).name}-{key}"
+
+
+def ensure_training_cache(cfg: DataConfig, data: str | Path | None = None, progress: bool = True) -> Path:
+    """Preprocessed cache for ``data`` (default: ``cfg.root``, else the built-in set)."""
+    from brats_psp.data.preprocess import preprocess_dataset
+
+    source = Path(data) if data is not None else Path(cfg.root) if cfg.root else ensure_demo_dataset(cfg)
+    out = cache_folder_for(source, cfg)
+    result = preprocess_dataset(source, out, cfg, progress=progress)
+    if result.failures:
+        log.warning("%d case(s) could not be preprocessed and are left out:", len(result.failures))
+        for err in result.failures:
+            log.warning("  %s", err)
+    return out

@@ -1,0 +1,224 @@
+"""Preprocessed volumes -> 2D axial training slices.
+
+* :class:`SliceDataset` reads one slice (and its 2.5D neighbours) from the cache with a
+  memory map, builds the WT/TC/ET region masks and the per-slice presence targets of the
+  auxiliary class head, and applies the 2D MONAI transforms of :func:`slice_transforms`.
+* :class:`TumourRatioSampler` draws a fixed number of slices per epoch, a configured
+  fraction of them from slices that contain tumour; sharded across processes for DDP.
+
+A sample is ``{"image": float32 (4·(2k+1), H, W), "label": float32 (3, H, W) region masks,
+"presence": float32 (3,), "case_id": str, "z": int}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    SpatialPadd,
+)
+from torch.utils.data import Dataset, Sampler
+
+from brats_psp.config import DataConfig
+from brats_psp.labels import REGION_NAMES, tissue_to_regions
+
+__all__ = ["CachedVolume", "SliceDataset", "TumourRatioSampler", "slice_transforms", "read_datalist", "split_cases"]
+
+
+def read_datalist(cache_dir: str | Path) -> list[dict[str, Any]]:
+    """All entries (training and validation) of a preprocessed cache's datalist."""
+    body = json.loads((Path(cache_dir) / "datalist.json").read_text())
+    return [*body.get("training", []), *body.get("validation", [])]
+
+
+def split_cases(cache_dir: str | Path, fold: int) -> tuple[list[Path], list[Path]]:
+    """Cache folders of the training and validation cases for ``fold`` (labelled cases only)."""
+    cache_dir = Path(cache_dir)
+    entries = sorted(read_datalist(cache_dir), key=lambda e: e["case_id"])
+    labelled = [e for e in entries if e.get("label")]
+    train = [cache_dir / e["cache"] for e in labelled if e["fold"] != fold]
+    val = [cache_dir / e["cache"] for e in labelled if e["fold"] == fold]
+    return train, val
+
+
+class CachedVolume:
+    """One preprocessed case, opened lazily as memory maps (safe to pickle into workers)."""
+
+    def __init__(self, case_dir: str | Path) -> None:
+        self.case_dir = Path(case_dir)
+        self.meta: dict[str, Any] = json.loads((self.case_dir / "meta.json").read_text())
+        self.case_id: str = self.meta["case_id"]
+        self.num_slices: int = int(self.meta["shape"][2])
+        self._image: np.ndarray | None = None
+        self._label: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_image": None, "_label": None}
+
+    @property
+    def image(self) -> np.ndarray:
+        """float16 (Z, 4, X, Y) memory map."""
+        if self._image is None:
+            self._image = np.load(self.case_dir / "image.npy", mmap_mode="r")
+        return self._image
+
+    @property
+    def label(self) -> np.ndarray:
+        """uint8 (Z, X, Y) tissue codes, memory map."""
+        if self._label is None:
+            self._label = np.load(self.case_dir / "label.npy", mmap_mode="r")
+        return self._label
+
+    @property
+    def presence(self) -> np.ndarray:
+        """uint8 (Z, 3): which regions each axial slice contains."""
+        return np.asarray(self.meta["presence"], dtype=np.uint8).reshape(self.num_slices, len(REGION_NAMES))
+
+    def slab(self, z: int, context: int) -> np.ndarray:
+        """float32 (4·(2k+1), X, Y): slice ``z`` with ``context`` neighbours each side (edges repeated)."""
+        idx = np.clip(np.arange(z - context, z + context + 1), 0, self.num_slices - 1)
+        slab = self.image[idx] if context else self.image[z : z + 1]
+        return np.asarray(slab, dtype=np.float32).reshape(-1, *slab.shape[2:])
+
+
+def slice_transforms(cfg: DataConfig, train: bool) -> Compose:
+    """2D dictionary transforms on ``image`` (C, H, W) and ``label`` (3, H, W).
+
+    Both pad to ``cfg.slice_size``; training crops at random and augments (flips, small
+    rotations and scaling, intensity scale and shift, gamma, Gaussian noise), validation
+    crops at the centre.
+    """
+    keys = ["image", "label"]
+    size = tuple(cfg.slice_size)
+    steps: list[Any] = [SpatialPadd(keys=keys, spatial_size=size)]
+    if not train or not cfg.augment:
+        steps.append(CenterSpatialCropd(keys=keys, roi_size=size))
+        return Compose(steps)
+    steps += [
+        RandSpatialCropd(keys=keys, roi_size=size, random_size=False),
+        RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=0),
+        RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=1),
+    ]
+    if cfg.rotate_deg > 0 or cfg.scale_range > 0:
+        steps.append(
+            RandAffined(
+                keys=keys, prob=0.5, rotate_range=(math.radians(cfg.rotate_deg),),
+                scale_range=(cfg.scale_range, cfg.scale_range), mode=("bilinear", "nearest"), padding_mode="zeros",
+            )
+        )
+    if cfg.intensity_scale > 0:
+        steps.append(RandScaleIntensityd(keys="image", factors=cfg.intensity_scale, prob=0.5, channel_wise=True))
+    if cfg.intensity_shift > 0:
+        steps.append(RandShiftIntensityd(keys="image", offsets=cfg.intensity_shift, prob=0.5, channel_wise=True))
+    if tuple(cfg.gamma_range) != (1.0, 1.0):
+        steps.append(RandAdjustContrastd(keys="image", gamma=tuple(cfg.gamma_range), prob=0.3, retain_stats=True))
+    if cfg.noise_std > 0:
+        steps.append(RandGaussianNoised(keys="image", std=cfg.noise_std, prob=0.3))
+    return Compose(steps)
+
+
+class SliceDataset(Dataset):
+    """Axial slices of preprocessed cases, indexed flat over (case, z)."""
+
+    def __init__(self, case_dirs: Sequence[str | Path], context_slices: int = 0, transform: Compose | None = None) -> None:
+        self.volumes = [CachedVolume(d) for d in case_dirs]
+        self.context = context_slices
+        self.transform = transform
+        self.index = np.array([(v, z) for v, vol in enumerate(self.volumes) for z in range(vol.num_slices)], dtype=np.int64).reshape(-1, 2)
+        self.presence = (
+            np.concatenate([vol.presence for vol in self.volumes]) if self.volumes else np.zeros((0, len(REGION_NAMES)), np.uint8)
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def has_tumour(self) -> np.ndarray:
+        """bool (N,): slice ``i`` contains whole tumour (before augmentation)."""
+        return self.presence[:, REGION_NAMES.index("WT")].astype(bool)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        v, z = (int(x) for x in self.index[i])
+        vol = self.volumes[v]
+        sample = {
+            "image": torch.from_numpy(vol.slab(z, self.context)),
+            "label": torch.from_numpy(tissue_to_regions(np.asarray(vol.label[z])).astype(np.float32)),
+        }
+        if self.transform is not None:
+            sample = self.transform(sample)
+        image = torch.as_tensor(sample["image"], dtype=torch.float32).contiguous()
+        label = torch.as_tensor(sample["label"], dtype=torch.float32).contiguous()
+        return {
+            "image": image.as_subclass(torch.Tensor),
+            "label": label.as_subclass(torch.Tensor),
+            "presence": label.flatten(1).amax(dim=1).as_subclass(torch.Tensor),
+            "case_id": vol.case_id,
+            "z": z,
+        }
+
+
+class TumourRatioSampler(Sampler[int]):
+    """Draw ``num_samples`` slice indices per epoch, a ``ratio`` of them from slices with tumour.
+
+    The rest come from slices without tumour. With several processes each rank gets its
+    own disjoint share of one shared draw (``num_samples`` in all). Call :meth:`set_epoch`
+    at every epoch for a new draw; a given (seed, epoch) always gives the same indices.
+    """
+
+    def __init__(
+        self,
+        has_tumour: np.ndarray,
+        num_samples: int,
+        ratio: float,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.tumour = np.flatnonzero(has_tumour)
+        self.other = np.flatnonzero(~np.asarray(has_tumour, dtype=bool))
+        if len(self.tumour) + len(self.other) == 0:
+            raise ValueError("no slices to sample from")
+        self.num_samples, self.ratio, self.seed = num_samples, ratio, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _draw(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        ratio = self.ratio if len(self.other) else 1.0
+        ratio = ratio if len(self.tumour) else 0.0
+        n_tumour = int(round(self.num_samples * ratio))
+        picks = np.concatenate(
+            [rng.choice(self.tumour, n_tumour), rng.choice(self.other, self.num_samples - n_tumour)]
+            if 0 < n_tumour < self.num_samples
+            else [rng.choice(self.tumour if n_tumour else self.other, self.num_samples)]
+        )
+        return rng.permutation(picks)
+
+    def __iter__(self) -> Iterator[int]:
+        picks = self._draw()[self.rank :: self.world_size]
+        return iter(int(i) for i in picks)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))

@@ -1,0 +1,202 @@
+"""MONAI dictionary transforms that turn a :class:`~brats_psp.data.discovery.Case` into a network-ready volume.
+
+The chain (:func:`volume_transforms`)::
+
+    LoadBratsCased        four contrasts -> image (4, X, Y, Z) in MODALITIES order, label -> tissue codes (1, X, Y, Z)
+    Orientationd          one canonical orientation (RAS)
+    Spacingd              resample to ``data.spacing`` mm (a no-op on 1 mm BraTS data)
+    CropForegroundd       crop to the bounding box of the brain (voxels non-zero in any contrast)
+    NormalizeIntensityd   per-channel z-score inside the non-zero mask
+
+Orientation, spacing and crop are MONAI invertible transforms: their inverse, applied to a
+prediction in the preprocessed space, maps it back to the input's grid (used by inference).
+Every problem with a file is a :class:`~brats_psp.errors.CaseError` naming case and file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    Spacingd,
+)
+
+from brats_psp.data.discovery import Case
+from brats_psp.data.layouts import MODALITIES, get_layout
+from brats_psp.errors import CaseError
+from brats_psp.labels import LabelValueError, release_to_tissue
+
+__all__ = [
+    "AXCODES",
+    "LoadBratsCased",
+    "load_case_arrays",
+    "volume_transforms",
+    "preprocessing_params",
+    "nonzero_any",
+]
+
+log = logging.getLogger(__name__)
+
+#: The canonical orientation every volume is brought to.
+AXCODES = "RAS"
+#: Axis names for the orientation codes (RAS+ world, as NIfTI).
+_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+#: Tolerance (mm) when comparing the affines of one case's contrasts.
+AFFINE_ATOL = 1e-3
+
+
+def _read(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Read one NIfTI file as float32 (scaling applied), or raise a CaseError naming it."""
+    if not path.is_file():
+        raise CaseError(case_id, path, "file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
+        raise CaseError(case_id, path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    return img, data
+
+
+def _check_finite(case_id: str, path: Path, data: np.ndarray) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise CaseError(case_id, path, f"{bad} voxel(s) are NaN or infinite")
+
+
+def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, nib.Nifti1Image]:
+    """Read and check a case.
+
+    Returns:
+        image: float32 (4, X, Y, Z) in ``MODALITIES`` order, in the file's voxel grid.
+        tissue: uint8 (X, Y, Z) tissue codes (see :mod:`brats_psp.labels`), or ``None``.
+        reference: the first contrast's NIfTI image (its affine and header describe the grid).
+
+    Raises:
+        CaseError: naming the case and the file: unreadable, wrong dimensionality, contrasts
+            that disagree in shape or affine, NaN/inf voxels, an all-zero contrast, label values
+            outside the release's set or a label whose shape differs from the images.
+    """
+    layout = get_layout(case.layout)
+    channels: list[np.ndarray] = []
+    if layout.is_4d:
+        (path,) = case.images
+        ref, data = _read(case.case_id, path)
+        if data.ndim != 4 or data.shape[3] != len(layout.channel_order):
+            raise CaseError(case.case_id, path, f"expected a 4D image with {len(layout.channel_order)} channels, got shape {data.shape}")
+        _check_finite(case.case_id, path, data)
+        order = [layout.channel_order.index(m) for m in MODALITIES]
+        channels = [data[..., i] for i in order]
+        paths = [path] * len(MODALITIES)
+    else:
+        ref = None
+        paths = list(case.images)
+        for path in paths:
+            img, data = _read(case.case_id, path)
+            if data.ndim != 3:
+                raise CaseError(case.case_id, path, f"expected a 3D image, got shape {data.shape}")
+            _check_finite(case.case_id, path, data)
+            if ref is None:
+                ref = img
+            else:
+                if data.shape != channels[0].shape:
+                    raise CaseError(case.case_id, path, f"shape {data.shape} differs from {paths[0].name} {channels[0].shape}")
+                if not np.allclose(img.affine, ref.affine, atol=AFFINE_ATOL):
+                    raise CaseError(
+                        case.case_id, path,
+                        f"affine differs from {paths[0].name} (contrasts are not co-registered):\n{img.affine}\nvs\n{ref.affine}",
+                    )
+            channels.append(data)
+    for modality, path, data in zip(MODALITIES, paths, channels):
+        if not np.any(data):
+            raise CaseError(case.case_id, path, f"the {modality} contrast is all zero (no brain)")
+    image = np.stack(channels)
+    tissue = None
+    if with_label and case.label is not None:
+        _, label = _read(case.case_id, case.label)
+        if label.shape != image.shape[1:]:
+            raise CaseError(case.case_id, case.label, f"label shape {label.shape} differs from image shape {image.shape[1:]}")
+        try:
+            tissue = release_to_tissue(label, case.layout)
+        except LabelValueError as err:
+            raise CaseError(case.case_id, case.label, str(err)) from None
+    assert ref is not None
+    return image, tissue, ref
+
+
+class LoadBratsCased(MapTransform):
+    """Load a case into MONAI ``MetaTensor``s.
+
+    Input ``{"case": Case}``; output adds ``"image"`` (float32, 4 × X × Y × Z, channels T1, T1ce,
+    T2, FLAIR) and, when the case has one and ``with_label``, ``"label"`` (uint8 tissue codes
+    0 background, 1 NCR, 2 ED, 3 ET, 4 RC; 1 × X × Y × Z). Both carry the NIfTI affine.
+    """
+
+    def __init__(self, case_key: str = "case", with_label: bool = True) -> None:
+        super().__init__(keys=[case_key])
+        self.case_key = case_key
+        self.with_label = with_label
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        case: Case = d[self.case_key]
+        image, tissue, ref = load_case_arrays(case, self.with_label)
+        meta = {
+            "affine": torch.as_tensor(ref.affine, dtype=torch.float64),
+            "original_affine": ref.affine.copy(),
+            "spatial_shape": np.asarray(image.shape[1:]),
+            "filename_or_obj": str(case.images[0]),
+            "case_id": case.case_id,
+        }
+        d["image"] = MetaTensor(torch.from_numpy(image), meta=dict(meta))
+        if tissue is not None:
+            d["label"] = MetaTensor(torch.from_numpy(tissue[None]), meta=dict(meta))
+        return d
+
+
+def nonzero_any(image: torch.Tensor) -> torch.Tensor:
+    """Brain mask for cropping: voxels non-zero in any channel (1 × spatial)."""
+    return (image != 0).any(dim=0, keepdim=True)
+
+
+def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bool = True, margin: int = 0) -> Compose:
+    """The volume chain from a ``{"case": Case}`` dict to a cropped, normalised image (and label)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    return Compose(
+        [
+            LoadBratsCased(with_label=with_label),
+            Orientationd(keys=keys, axcodes=AXCODES, labels=_AXIS_LABELS, allow_missing_keys=True),
+            Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, allow_missing_keys=True),
+            CropForegroundd(
+                keys=keys, source_key="image", select_fn=nonzero_any, margin=margin,
+                allow_smaller=True, allow_missing_keys=True,
+            ),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        ]
+    )
+
+
+def preprocessing_params(spacing: Sequence[float]) -> dict[str, Any]:
+    """What inference must repeat to see data the way training saw it (stored in checkpoints)."""
+    return {
+        "modalities": list(MODALITIES),
+        "orientation": AXCODES,
+        "spacing": [float(s) for s in spacing],
+        "crop": "nonzero bounding box",
+        "normalize": "z-score per channel inside the non-zero mask",
+        "slice_axis": "axial (last spatial axis after orientation)",
+    }

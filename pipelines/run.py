@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""brats_psp command line: ``python pipelines/run.py <stage> [options] [section.key=value ...]``.
+
+Each stage parses its arguments and calls one plain function of the ``brats_psp`` package;
+``python pipelines/run.py <stage> --help`` describes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from brats_psp.config import ConfigError, load_config  # noqa: E402
+from brats_psp.errors import CaseError, DiscoveryError  # noqa: E402
+
+log = logging.getLogger("brats_psp")
+
+STAGES: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def stage(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        STAGES[name] = fn
+        return fn
+
+    return register
+
+
+def _config(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def _report_failures(failures: Sequence[CaseError], what: str) -> int:
+    if not failures:
+        return 0
+    log.error("%d case(s) failed %s:", len(failures), what)
+    for err in failures:
+        log.error("  %s", err)
+    return 1
+
+
+@stage("demo-data")
+def demo_data(args: argparse.Namespace) -> int:
+    from brats_psp.data.synthetic import write_dataset
+
+    ids = write_dataset(args.out, args.cases, seed=args.seed, fmt=args.format, progress=True)
+    log.info("wrote %d synthetic %s case(s) to %s", len(ids), args.format, args.out)
+    return 0
+
+
+@stage("preprocess")
+def preprocess(args: argparse.Namespace) -> int:
+    from brats_psp.data.preprocess import preprocess_dataset
+
+    cfg = _config(args)
+    result = preprocess_dataset(args.data, args.out, cfg.data, progress=True)
+    log.info("processed %d, reused %d; datalist %s, summary %s", len(result.processed), len(result.reused), result.datalist, result.summary)
+    return _report_failures(result.failures, "preprocessing")
+
+
+@stage("show-data")
+def show_data(args: argparse.Namespace) -> int:
+    from brats_psp.plots import plot_cases
+
+    cfg = _config(args)
+    data = args.data
+    if data is None:
+        from brats_psp.data.builtin import ensure_demo_dataset
+
+        data = ensure_demo_dataset(cfg.data)
+    plot_cases(data, args.out, n_cases=args.cases, layout=cfg.data.layout)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def add(name: str, help_text: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if config:
+            p.add_argument("--config", help="YAML config (default: the built-in defaults; see configs/)")
+            p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.epochs=6")
+        return p
+
+    p = add("demo-data", "write synthetic BraTS-like cases (MNI brain + generated tumours) in a release layout", config=False)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (case i is the same for any --cases)")
+    p.add_argument("--format", choices=["brats2021", "brats2023", "msd"], default="brats2021", help="release layout")
+
+    p = add("preprocess", "run the volume transforms once per case and cache slices, a datalist and a summary")
+    p.add_argument("--data", required=True, help="dataset folder (any layout), case folder or datalist JSON")
+    p.add_argument("--out", required=True, help="cache folder")
+
+    p = add("show-data", "figure of a few cases: the four contrasts and the labels")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--cases", type=int, default=3, help="number of cases to show")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return STAGES[args.stage](args)
+    except (ConfigError, DiscoveryError, CaseError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
