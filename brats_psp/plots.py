@@ -15,7 +15,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.data.layouts import MODALITIES  # noqa: E402
-from brats_psp.data.transforms import volume_transforms  # noqa: E402
+from brats_psp.data.transforms import apply_transforms, volume_transforms  # noqa: E402
 from brats_psp.io import atomic_path  # noqa: E402
 from brats_psp.labels import Tissue  # noqa: E402
 
@@ -47,7 +47,7 @@ def plot_cases(data: str | os.PathLike, out: str | os.PathLike, n_cases: int = 3
     transform = volume_transforms()
     fig, axes = plt.subplots(len(cases), len(MODALITIES) + 1, figsize=(2.4 * (len(MODALITIES) + 1), 2.6 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases):
-        d = transform({"case": case})
+        d = apply_transforms(transform, {"case": case})
         image = d["image"].numpy()
         tissue = d["label"].numpy()[0] if "label" in d else None
         z = int(np.argmax((tissue > 0).sum(axis=(0, 1)))) if tissue is not None and tissue.any() else image.shape[-1] // 2

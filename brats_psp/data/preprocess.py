@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from brats_psp.config import DataConfig
 from brats_psp.data.discovery import Case, discover_cases
-from brats_psp.data.transforms import preprocessing_params, volume_transforms
+from brats_psp.data.transforms import apply_transforms, preprocessing_params, volume_transforms
 from brats_psp.errors import CaseError
 from brats_psp.io import save_npy, write_json
 from brats_psp.labels import REGION_NAMES, region_presence, tissue_to_regions
@@ -109,7 +109,7 @@ def preprocess_case(case: Case, out_dir: Path, data_cfg: DataConfig, params: dic
     params = params or preprocessing_params(data_cfg.spacing)
     final = safe_case_dir(out_dir, case.case_id)
     with_label = case.label is not None
-    data = volume_transforms(data_cfg.spacing, with_label=with_label)({"case": case})
+    data = apply_transforms(volume_transforms(data_cfg.spacing, with_label=with_label), {"case": case})
     image = data["image"].numpy()  # (4, X, Y, Z)
     if not np.all(np.isfinite(image)):
         raise CaseError(case.case_id, case.images[0], "normalisation produced non-finite values (constant contrast?)")

@@ -43,6 +43,7 @@ __all__ = [
     "LoadBratsCased",
     "load_case_arrays",
     "volume_transforms",
+    "apply_transforms",
     "preprocessing_params",
     "nonzero_any",
 ]
@@ -188,6 +189,19 @@ def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bo
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         ]
     )
+
+
+def apply_transforms(transform: Compose, data: dict[str, Any]) -> dict[str, Any]:
+    """Run a MONAI chain, re-raising a :class:`CaseError` that MONAI wrapped in a RuntimeError."""
+    try:
+        return transform(data)
+    except RuntimeError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, CaseError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def preprocessing_params(spacing: Sequence[float]) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Cached volumes -> training slices: targets, 2.5D context, augmentations, the tumour-ratio sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brats_psp.config import DataConfig
+from brats_psp.data.preprocess import preprocess_dataset
+from brats_psp.data.slices import SliceDataset, TumourRatioSampler, slice_transforms, split_cases
+from brats_psp.labels import REGION_NAMES, Tissue
+
+
+@pytest.fixture
+def cache(small_dataset: Path, tmp_path: Path) -> Path:
+    preprocess_dataset(small_dataset, tmp_path / "cache", DataConfig(folds=3), progress=False)
+    return tmp_path / "cache"
+
+
+def test_split_follows_the_fold(cache: Path) -> None:
+    train, val = split_cases(cache, fold=0)
+    assert len(train) + len(val) == 6 and len(val) == 2
+    assert not set(train) & set(val)
+
+
+def test_samples_and_presence_targets_match_the_slice(cache: Path) -> None:
+    train, _ = split_cases(cache, fold=0)
+    ds = SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[48, 48]), train=False))
+    assert len(ds) == sum(np.load(d / "label.npy", mmap_mode="r").shape[0] for d in train)
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["image"].shape == (4, 48, 48) and s["label"].shape == (3, 48, 48)
+        vol = ds.volumes[ds.index[i][0]]
+        tissue = np.asarray(vol.label[s["z"]])
+        expected = [np.isin(tissue, [int(t) for t in ts]).any() for ts in ([1, 2, 3], [1, 3], [3])]
+        assert s["presence"].tolist() == [float(e) for e in expected]
+        assert s["presence"].tolist() == ds.presence[i].astype(float).tolist()
+    # regions are nested: ET inside TC inside WT
+    lab = torch.stack([ds[i]["label"] for i in range(len(ds))])
+    assert torch.all(lab[:, 2] <= lab[:, 1]) and torch.all(lab[:, 1] <= lab[:, 0])
+
+
+def test_context_slices_stack_neighbours(cache: Path) -> None:
+    train, _ = split_cases(cache, fold=0)
+    plain = SliceDataset(train[:1])
+    ctx = SliceDataset(train[:1], context_slices=1)
+    s = ctx[5]
+    assert s["image"].shape[0] == 12
+    torch.testing.assert_close(s["image"][4:8], plain[5]["image"])  # the centre slice in the middle
+    torch.testing.assert_close(s["image"][0:4], plain[4]["image"])
+    first = ctx[0]["image"]
+    torch.testing.assert_close(first[0:4], first[4:8])  # edge slice repeated
+
+
+def test_augmentations_keep_targets_consistent(cache: Path) -> None:
+    train, _ = split_cases(cache, fold=0)
+    cfg = DataConfig(slice_size=[40, 40], rotate_deg=20, scale_range=0.15)
+    transform = slice_transforms(cfg, train=True)
+    transform.set_random_state(seed=0)
+    ds = SliceDataset(train, transform=transform)
+    tumour = np.flatnonzero(ds.has_tumour)
+    changed = 0
+    for i in tumour[:20]:
+        s = ds[int(i)]
+        assert s["image"].shape == (4, 40, 40) and s["label"].shape == (3, 40, 40)
+        assert set(torch.unique(s["label"]).tolist()) <= {0.0, 1.0}
+        assert s["presence"].tolist() == s["label"].flatten(1).amax(1).tolist()
+        changed += int(not torch.equal(s["label"], SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[40, 40]), False))[int(i)]["label"]))
+    assert changed > 0  # augmentation did something
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.8, 1.0])
+def test_sampler_draws_the_tumour_ratio(ratio: float) -> None:
+    has_tumour = np.zeros(1000, bool)
+    has_tumour[::10] = True  # 10 % of slices contain tumour
+    sampler = TumourRatioSampler(has_tumour, num_samples=2000, ratio=ratio, seed=1)
+    picks = np.fromiter(sampler, int)
+    assert len(picks) == 2000
+    assert has_tumour[picks].mean() == pytest.approx(ratio, abs=1e-3)
+
+
+def test_sampler_epochs_and_shards() -> None:
+    has_tumour = np.arange(100) % 3 == 0
+    a = TumourRatioSampler(has_tumour, 64, 0.5, seed=2)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    a.set_epoch(0)
+    assert list(a) == first
+    shards = [list(TumourRatioSampler(has_tumour, 64, 0.5, seed=2, rank=r, world_size=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 32
+    assert sorted(shards[0] + shards[1]) == sorted(first)
+
+
+def test_sampler_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="ratio must be in"):
+        TumourRatioSampler(np.ones(3, bool), 4, 1.5)
+    with pytest.raises(ValueError, match="rank 2"):
+        TumourRatioSampler(np.ones(3, bool), 4, 0.5, rank=2, world_size=2)
+
+
+def test_region_names_order() -> None:
+    assert REGION_NAMES == ("WT", "TC", "ET") and Tissue.ET == 3
