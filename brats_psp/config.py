@@ -103,8 +103,10 @@ class ModelConfig:
     class_head: bool = True
     deep_supervision: bool = False
     dropout: float = 0.1
+    decoder_channels: list[int] | None = None  # progressive decoder widths; None: derived from psp_channels
 
     def validate(self) -> None:
+        _check(self.decoder_channels is None or len(self.decoder_channels) == 3, "model.decoder_channels", self.decoder_channels, "null or 3 integers")
         _check(self.width >= 4, "model.width", self.width, ">= 4")
         _check(len(self.bins) > 0 and all(b >= 1 for b in self.bins), "model.bins", self.bins, "positive integers")
         _check(self.psp_channels >= 4, "model.psp_channels", self.psp_channels, ">= 4")

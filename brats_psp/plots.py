@@ -19,7 +19,7 @@ from brats_psp.data.transforms import apply_transforms, volume_transforms  # noq
 from brats_psp.io import atomic_path  # noqa: E402
 from brats_psp.labels import Tissue  # noqa: E402
 
-__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice"]
+__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay", "plot_learning_curves"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,54 @@ def plot_cases(data: str | os.PathLike, out: str | os.PathLike, n_cases: int = 3
             show_slice(ax, image[c, :, :, z], title=f"{case.case_id}\n{MODALITY_TITLES[modality]}, z={z}")
         show_slice(row[-1], image[MODALITIES.index("flair"), :, :, z], tissue, title="labels: NCR red, ED green, ET yellow")
     fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: str | os.PathLike) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out
+
+
+def plot_validation_overlay(example: dict, out: str | os.PathLike, title: str = "") -> Path:
+    """FLAIR and T1ce of one validation case with the reference and the predicted labels.
+
+    ``example``: ``case_id``, ``image`` (4, X, Y, Z), ``tissue`` (X, Y, Z) reference tissue codes,
+    ``pred`` (3, X, Y, Z) boolean region masks; shown at the axial slice with most tumour.
+    """
+    from brats_psp.labels import regions_to_tissue
+
+    image, ref = example["image"], example["tissue"]
+    pred = regions_to_tissue(example["pred"])
+    z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref.any() else image.shape[-1] // 2
+    flair, t1ce = image[MODALITIES.index("flair"), :, :, z], image[MODALITIES.index("t1ce"), :, :, z]
+    fig, axes = plt.subplots(1, 4, figsize=(11, 3.2))
+    show_slice(axes[0], flair, title=f"{example['case_id']} FLAIR z={z}")
+    show_slice(axes[1], t1ce, title="T1ce")
+    show_slice(axes[2], flair, ref[:, :, z], title="reference")
+    show_slice(axes[3], flair, pred[:, :, z], title=f"prediction {title}".strip())
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_learning_curves(history: list[dict[str, float]], out: str | os.PathLike) -> Path:
+    """Training losses and validation Dice per epoch."""
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in ("train/loss", "train/seg_loss", "train/class_loss"):
+        ax_loss.plot(epochs, [h.get(key, np.nan) for h in history], marker=".", label=key)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    for key in ("val/dice_WT", "val/dice_TC", "val/dice_ET", "val/dice_mean"):
+        pts = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
+        if pts:
+            ax_dice.plot(*zip(*pts), marker="o", label=key)
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("Dice")
+    ax_dice.set_ylim(0, 1)
+    ax_dice.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)

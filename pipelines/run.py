@@ -20,6 +20,8 @@ from brats_psp.errors import CaseError, DiscoveryError  # noqa: E402
 
 log = logging.getLogger("brats_psp")
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 STAGES: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -78,6 +80,17 @@ def show_data(args: argparse.Namespace) -> int:
     return 0
 
 
+@stage("train")
+def train(args: argparse.Namespace) -> int:
+    from brats_psp.training import train as train_stage
+
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    result = train_stage(cfg, data=args.data, resume=args.resume)
+    print(f"run_id: {result.run_id}")
+    print(f"model: {result.best_checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--cases", type=int, default=3, help="number of cases to show")
+    p = add("train", "train a PSPNet on BraTS slices, tracked in MLflow (default config: configs/default.yaml)")
+    p.add_argument("--data", help="dataset folder or datalist (default: data.root, else the built-in synthetic set)")
+    p.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT", help="continue a run from its last checkpoint")
     return parser
 
 

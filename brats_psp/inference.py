@@ -1,0 +1,102 @@
+"""Slice-wise sliding-window prediction of whole volumes, shared by validation and the infer stage.
+
+:func:`predict_volume` takes a preprocessed volume (C × X × Y × Z, axial slices along Z),
+runs the 2D network over every axial slice with MONAI's :class:`~monai.inferers.SliceInferer`
+(windows of ``infer.roi_size`` in-plane, ``infer.overlap``, ``infer.blend``, slices batched
+``infer.batch_size`` at a time) and returns region probabilities (3 × X × Y × Z, WT/TC/ET).
+:func:`probabilities_to_tissue` thresholds them into a tissue map with the BraTS nesting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import SliceInferer
+from torch import nn
+
+from brats_psp.config import InferConfig
+from brats_psp.labels import REGION_NAMES, regions_to_tissue
+from brats_psp.networks import region_probabilities
+from brats_psp.runtime import Runtime, autocast
+
+__all__ = ["RegionProbabilities", "add_context", "predict_volume", "probabilities_to_tissue"]
+
+
+class RegionProbabilities(nn.Module):
+    """Wrap a network so it returns only region probabilities (B × 3 × H × W), for inferers and MLflow."""
+
+    def __init__(self, net: nn.Module, output: str) -> None:
+        super().__init__()
+        self.net = net
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return region_probabilities(self.net(x).masks.float(), self.output)
+
+
+def add_context(image: torch.Tensor, context: int) -> torch.Tensor:
+    """C × X × Y × Z -> C·(2k+1) × X × Y × Z: each axial slice with ``k`` neighbours each side.
+
+    The channel order matches :meth:`brats_psp.data.slices.CachedVolume.slab` (neighbour-major,
+    edges repeated).
+    """
+    if context == 0:
+        return image
+    z = image.shape[-1]
+    shifted = [image.index_select(-1, torch.clamp(torch.arange(z) + o, 0, z - 1).to(image.device)) for o in range(-context, context + 1)]
+    return torch.cat(shifted, dim=0)
+
+
+def predict_volume(
+    model: nn.Module,
+    image: torch.Tensor,
+    cfg: InferConfig,
+    runtime: Runtime,
+    output: str = "sigmoid",
+    context: int = 0,
+) -> torch.Tensor:
+    """Region probabilities of a preprocessed volume.
+
+    Args:
+        model: a network returning :class:`~brats_psp.networks.PSPNetOutput` (in eval mode).
+        image: float C × X × Y × Z (C = 4 contrasts), z-scored, RAS, axial slices along Z.
+        cfg: window size, overlap, blending, batch size and flip TTA.
+        runtime: device and autocast dtype.
+        output: the network's output mode.
+        context: 2.5D neighbours the network was trained with.
+
+    Returns:
+        float32 3 × X × Y × Z probabilities of WT, TC, ET (on CPU).
+    """
+    wrapper = RegionProbabilities(model, output).eval()
+    inferer = SliceInferer(
+        roi_size=tuple(cfg.roi_size),
+        sw_batch_size=cfg.batch_size,
+        spatial_dim=2,
+        overlap=cfg.overlap,
+        mode=cfg.blend,
+        padding_mode="constant",
+        cval=0.0,
+        progress=False,
+    )
+    x = add_context(image.float(), context)[None].to(runtime.device)
+    flips: Sequence[tuple[int, ...]] = [()] + ([(2,), (3,), (2, 3)] if cfg.tta else [])
+    total = None
+    with torch.inference_mode(), autocast(runtime):
+        for dims in flips:
+            xi = torch.flip(x, dims) if dims else x
+            probs = inferer(xi, wrapper).float()
+            probs = torch.flip(probs, dims) if dims else probs
+            total = probs if total is None else total + probs
+    assert total is not None
+    return (total / len(flips))[0].cpu()
+
+
+def probabilities_to_tissue(probs: torch.Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """3 × ... region probabilities -> uint8 tissue map (ET > TC > WT nesting, see :mod:`brats_psp.labels`)."""
+    probs = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    if probs.shape[0] != len(REGION_NAMES):
+        raise ValueError(f"expected {len(REGION_NAMES)} region channels, got shape {probs.shape}")
+    return regions_to_tissue(probs > threshold).astype(np.uint8)

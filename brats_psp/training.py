@@ -1,0 +1,404 @@
+"""The training stage: PSPNet on axial slices, validated on whole volumes, tracked in MLflow.
+
+:func:`train` is the whole stage as a Python API; ``python pipelines/run.py train`` calls it.
+One epoch draws ``train.slices_per_epoch`` slices with :class:`TumourRatioSampler`; every
+``train.val_every`` epochs (and after the last) the model segments the validation volumes with
+:func:`brats_psp.inference.predict_volume`, the code the infer stage uses, and reports Dice per
+region. Each epoch ends with an atomic ``last.pt`` (and ``best.pt`` when validation improved);
+``resume`` continues from ``last.pt`` into the same MLflow run. Every random draw of an epoch is
+seeded from (``train.seed``, epoch), so a resumed run goes on exactly as an uninterrupted one.
+
+Started by ``torchrun``, each process trains on its shard of the slices (DDP, gloo on CPU and
+NCCL on GPU); metrics are averaged across processes and rank 0 alone writes checkpoints and
+talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data.utils import worker_init_fn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from brats_psp.checkpoint import load_checkpoint, save_checkpoint
+from brats_psp.config import Config, config_to_dict, save_config
+from brats_psp.data.builtin import ensure_training_cache
+from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
+from brats_psp.data.transforms import preprocessing_params
+from brats_psp.inference import RegionProbabilities, predict_volume
+from brats_psp.io import write_json
+from brats_psp.labels import REGION_NAMES, tissue_to_regions
+from brats_psp.losses import PSPLoss
+from brats_psp.metrics import dice
+from brats_psp.networks import build_network, count_parameters
+from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
+from brats_psp.tracking import RunTracker, git_commit
+
+__all__ = ["TrainResult", "train", "validate", "build_optimizer", "build_scheduler", "find_resume_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind."""
+
+    run_id: str | None
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metric: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov momentum); no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step poly (power ``train.poly_power``, as PSPNet) or cosine decay after a linear warm-up."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warmup = cfg.train.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.train.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return (1.0 - progress) ** cfg.train.poly_power
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def find_resume_checkpoint(resume: str, cfg: Config) -> Path:
+    """A checkpoint path as given, or the ``last.pt`` of the MLflow run ``resume``."""
+    path = Path(resume)
+    if path.is_file():
+        return path
+    candidate = Path(cfg.train.output_dir) / resume / "checkpoints" / "last.pt"
+    if candidate.is_file():
+        return candidate
+    try:
+        import mlflow
+
+        from brats_psp.tracking import configure_tracking
+
+        configure_tracking(cfg)
+        run = mlflow.get_run(resume)
+        run_dir = run.data.tags.get("brats_psp.run_dir")
+        if run_dir and (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            return Path(run_dir) / "checkpoints" / "last.pt"
+    except Exception as err:  # not a run id, or the server is down
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint file and no MLflow run with a last.pt ({err})") from None
+    raise FileNotFoundError(f"--resume {resume}: the MLflow run has no checkpoint on this machine")
+
+
+def _reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    if not runtime.distributed:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(t)
+    return {k: float(v) / runtime.world_size for k, v in zip(keys, t.tolist())}
+
+
+def _broadcast(obj: Any, runtime: Runtime) -> Any:
+    if not runtime.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(
+    model: nn.Module, case_dirs: list[Path], cfg: Config, runtime: Runtime, progress: bool = False
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Mean Dice per region over whole validation volumes (preprocessed space).
+
+    Each process scores its share of the cases; the result is the mean over all of them.
+    Returns the metrics and, on rank 0, the first case's arrays for the overlay figure.
+    """
+    model.eval()
+    scores: list[list[float]] = []
+    example = None
+    mine = case_dirs[runtime.rank :: runtime.world_size]
+    for case_dir in tqdm(mine, desc="validate", unit="case", leave=False, disable=not progress):
+        vol = CachedVolume(case_dir)
+        image = torch.from_numpy(np.asarray(vol.image, dtype=np.float32)).permute(1, 2, 3, 0)  # (4, X, Y, Z)
+        tissue = np.asarray(vol.label).transpose(1, 2, 0)  # (X, Y, Z)
+        probs = predict_volume(_unwrap(model), image, cfg.infer, runtime, cfg.model.output, cfg.data.context_slices)
+        pred = (probs > cfg.infer.threshold).numpy()
+        ref = tissue_to_regions(tissue)
+        scores.append([dice(pred[i], ref[i]) for i in range(len(REGION_NAMES))])
+        if example is None and runtime.is_main:
+            example = {"case_id": vol.case_id, "image": image.numpy(), "tissue": tissue, "pred": pred}
+    sums = torch.tensor([np.sum(scores, axis=0).tolist() if scores else [0.0] * 3], dtype=torch.float64)[0]
+    count = torch.tensor(float(len(scores)), dtype=torch.float64)
+    if runtime.distributed:
+        sums, count = sums.to(runtime.device), count.to(runtime.device)
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    mean = (sums / count.clamp(min=1)).tolist()
+    metrics = {f"val/dice_{r}": m for r, m in zip(REGION_NAMES, mean)}
+    metrics["val/dice_mean"] = float(np.mean(mean))
+    return metrics, example
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: PSPLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    scaler: torch.amp.GradScaler,
+    cfg: Config,
+    runtime: Runtime,
+    desc: str,
+    progress: bool,
+) -> dict[str, float]:
+    model.train()
+    sums = {"loss": 0.0, "seg_loss": 0.0, "class_loss": 0.0, "aux_loss": 0.0}
+    slices, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
+    for batch in bar:
+        image = batch["image"].to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        label = batch["label"].to(runtime.device, non_blocking=True)
+        presence = batch["presence"].to(runtime.device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(runtime):
+            out = model(image)
+        terms = loss_fn(out, label, presence)
+        scaler.scale(terms.total).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = image.shape[0]
+        slices += n
+        for key, value in zip(sums, terms):
+            sums[key] += float(value.detach()) * n
+        bar.set_postfix(loss=f"{sums['loss'] / slices:.3f}", slices_per_s=f"{slices / (time.perf_counter() - start):.1f}")
+    elapsed = time.perf_counter() - start
+    metrics = {f"train/{k}": v / max(1, slices) for k, v in sums.items()}
+    metrics = _reduce_mean(metrics, runtime)
+    metrics["train/slices_per_s"] = slices * runtime.world_size / elapsed
+    metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def train(
+    cfg: Config,
+    data: str | Path | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train a PSPNet as ``cfg`` says and return where the run and its checkpoints are.
+
+    Args:
+        cfg: the resolved config.
+        data: dataset folder or datalist (default ``data.root``, else the built-in synthetic set).
+        resume: a checkpoint file or an MLflow run ID to continue.
+        progress: show progress bars.
+        on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
+    """
+    from brats_psp.plots import plot_learning_curves, plot_validation_overlay
+
+    runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    progress = progress and runtime.is_main
+    state: dict[str, Any] | None = None
+    if resume:
+        ckpt_path = find_resume_checkpoint(resume, cfg)
+        state = load_checkpoint(ckpt_path)
+        from brats_psp.checkpoint import config_of
+
+        cfg = config_of(state)  # the run goes on with the config it started with
+        log.info("resuming from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
+    seed_everything(cfg.train.seed + runtime.rank, cfg.train.deterministic)
+
+    # data: rank 0 prepares the cache, the others wait for it
+    if runtime.is_main:
+        cache = ensure_training_cache(cfg.data, data, progress=progress)
+    if runtime.distributed:
+        dist.barrier()
+        cache = ensure_training_cache(cfg.data, data, progress=False) if not runtime.is_main else cache
+    train_dirs, val_dirs = split_cases(cache, cfg.data.fold)
+    if not train_dirs or not val_dirs:
+        raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
+    train_transform = slice_transforms(cfg.data, train=True)
+    dataset = SliceDataset(train_dirs, cfg.data.context_slices, train_transform)
+    sampler = TumourRatioSampler(
+        dataset.has_tumour, cfg.train.slices_per_epoch, cfg.data.tumour_ratio, cfg.train.seed, runtime.rank, runtime.world_size
+    )
+    loader_gen = torch.Generator()
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.train.num_workers,
+        worker_init_fn=worker_init_fn,
+        generator=loader_gen,
+        pin_memory=runtime.device.type == "cuda",
+        drop_last=True,
+        prefetch_factor=4 if cfg.train.num_workers else None,
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.slices_per_epoch={cfg.train.slices_per_epoch} is less than one batch of {cfg.train.batch_size} per process")
+
+    model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+    loss_fn = PSPLoss(cfg.model.output, alpha=cfg.train.alpha, aux_weight=cfg.train.aux_weight)
+    start_epoch, best, best_epoch, history, run_id = 0, -1.0, -1, [], None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
+        history, run_id = list(state["history"]), state.get("run_id")
+        set_rng_state(state["rng"])
+    if runtime.distributed:
+        model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    tracker = RunTracker(cfg, enabled=runtime.is_main)
+    run_id = _broadcast(tracker.start(run_id=run_id) if runtime.is_main else None, runtime)
+    run_dir = Path(cfg.train.output_dir) / (run_id or "offline")
+    tracker.fallback_dir = run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    status = "FAILED"
+    try:
+        if runtime.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            summary = _read_summary(cache)
+            tracker.set_tags({"brats_psp.run_dir": str(run_dir.resolve()), "brats_psp.stage": "train"})
+            tracker.log_config(
+                cfg,
+                {
+                    "git_commit": git_commit(),
+                    "device": runtime.describe(),
+                    "dataset.cache": str(cache),
+                    "dataset.cases": summary.get("cases", "?"),
+                    "dataset.train_cases": len(train_dirs),
+                    "dataset.val_cases": len(val_dirs),
+                    "dataset.input_shapes": summary.get("input_shapes", "?"),
+                    "model.parameters": count_parameters(model),
+                },
+            )
+            tracker.log_artifact(run_dir / "config.yaml")
+            log.info(
+                "run %s: %d train / %d val cases, %d slices per epoch, %s, %d parameters",
+                run_id, len(train_dirs), len(val_dirs), cfg.train.slices_per_epoch, runtime.describe(), count_parameters(model),
+            )
+        for epoch in range(start_epoch, cfg.train.epochs):
+            # every random draw of the epoch follows from (seed, epoch): resuming reproduces it
+            sampler.set_epoch(epoch)
+            loader_gen.manual_seed(cfg.train.seed * 100_003 + epoch)
+            train_transform.set_random_state(seed=(cfg.train.seed * 100_003 + epoch * 7919 + runtime.rank) % 2**32)
+            torch.manual_seed(cfg.train.seed * 100_003 + epoch + runtime.rank)
+            metrics = _train_epoch(
+                model, loader, loss_fn, optimizer, scheduler, scaler, cfg, runtime, f"epoch {epoch + 1}/{cfg.train.epochs}", progress
+            )
+            improved = False
+            if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
+                val, example = validate(model, val_dirs, cfg, runtime, progress)
+                metrics.update(val)
+                improved = val["val/dice_mean"] > best
+                if improved:
+                    best, best_epoch = val["val/dice_mean"], epoch
+                if runtime.is_main and example is not None:
+                    plot_validation_overlay(example, run_dir / "val_overlay.png", title=f"epoch {epoch + 1}")
+            history.append({"epoch": epoch, **metrics})
+            if runtime.is_main:
+                ckpt = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_metric": best,
+                    "best_epoch": best_epoch,
+                    "rng": rng_state(),
+                    "config": config_to_dict(cfg),
+                    "preprocessing": preprocessing_params(cfg.data.spacing),
+                    "run_id": run_id,
+                    "history": history,
+                }
+                save_checkpoint(last_path, ckpt)
+                if improved:
+                    save_checkpoint(best_path, ckpt)
+                tracker.log_metrics(metrics, step=epoch)
+                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+        if runtime.is_main:
+            if not best_path.exists():
+                save_checkpoint(best_path, load_checkpoint(last_path))
+            plot_learning_curves(history, run_dir / "learning_curves.png")
+            write_json(run_dir / "history.json", history)
+            for artifact in ("learning_curves.png", "val_overlay.png", "history.json"):
+                if (run_dir / artifact).exists():
+                    tracker.log_artifact(run_dir / artifact)
+            tracker.log_artifact(best_path, "checkpoints")
+            if cfg.tracking.log_model:
+                best_model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+                best_model.load_state_dict(load_checkpoint(best_path)["model"])
+                wrapped = RegionProbabilities(best_model.eval(), cfg.model.output)
+                example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
+                tracker.log_model(wrapped, example_input, cfg.tracking.register_name)
+            tracker.log_metrics({"best/dice_mean": best, "best/epoch": best_epoch}, step=cfg.train.epochs - 1)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+        shutdown(runtime)
+    return TrainResult(run_id, run_dir, best_path, last_path, best, history)
+
+
+def _read_summary(cache: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((cache / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
