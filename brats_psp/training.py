@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from brats_psp.checkpoint import load_checkpoint, save_checkpoint
 from brats_psp.config import Config, config_to_dict, save_config
-from brats_psp.data.builtin import ensure_training_cache
+from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.inference import RegionProbabilities, predict_volume
@@ -250,16 +250,20 @@ def train(
         state = load_checkpoint(ckpt_path)
         from brats_psp.checkpoint import config_of
 
-        cfg = config_of(state)  # the run goes on with the config it started with
+        cfg = config_of(state)  # the run goes on with the config and data it started with
+        data = data if data is not None else state.get("data_source")
         log.info("resuming from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
     seed_everything(cfg.train.seed + runtime.rank, cfg.train.deterministic)
 
-    # data: rank 0 prepares the cache, the others wait for it
+    # data: rank 0 prepares the cache, the others wait for it and then find it complete
     if runtime.is_main:
-        cache = ensure_training_cache(cfg.data, data, progress=progress)
+        source = resolve_data_source(cfg.data, data)
+        cache = ensure_training_cache(cfg.data, source, progress=progress)
     if runtime.distributed:
         dist.barrier()
-        cache = ensure_training_cache(cfg.data, data, progress=False) if not runtime.is_main else cache
+        if not runtime.is_main:
+            source = resolve_data_source(cfg.data, data)
+            cache = ensure_training_cache(cfg.data, source, progress=False)
     train_dirs, val_dirs = split_cases(cache, cfg.data.fold)
     if not train_dirs or not val_dirs:
         raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
@@ -318,6 +322,7 @@ def train(
                 {
                     "git_commit": git_commit(),
                     "device": runtime.describe(),
+                    "dataset.source": str(source),
                     "dataset.cache": str(cache),
                     "dataset.cases": summary.get("cases", "?"),
                     "dataset.train_cases": len(train_dirs),
@@ -362,6 +367,7 @@ def train(
                     "rng": rng_state(),
                     "config": config_to_dict(cfg),
                     "preprocessing": preprocessing_params(cfg.data.spacing),
+                    "data_source": str(source),
                     "run_id": run_id,
                     "history": history,
                 }

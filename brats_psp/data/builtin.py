@@ -15,7 +15,7 @@ from pathlib import Path
 from brats_psp.config import DataConfig
 from brats_psp.data.transforms import preprocessing_params
 
-__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for"]
+__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for", "resolve_data_source"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,20 @@ def cache_folder_for(data: Path, cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / "preprocessed" / f"{Path(data).name}-{key}"
 
 
+def resolve_data_source(cfg: DataConfig, data: str | Path | None = None) -> Path:
+    """The dataset to train on: ``data``, else ``cfg.root``, else the built-in set (generated if needed)."""
+    if data is not None:
+        return Path(data).resolve()
+    if cfg.root:
+        return Path(cfg.root).resolve()
+    return ensure_demo_dataset(cfg).resolve()
+
+
 def ensure_training_cache(cfg: DataConfig, data: str | Path | None = None, progress: bool = True) -> Path:
     """Preprocessed cache for ``data`` (default: ``cfg.root``, else the built-in set)."""
     from brats_psp.data.preprocess import preprocess_dataset
 
-    source = Path(data) if data is not None else Path(cfg.root) if cfg.root else ensure_demo_dataset(cfg)
+    source = resolve_data_source(cfg, data)
     out = cache_folder_for(source, cfg)
     result = preprocess_dataset(source, out, cfg, progress=progress)
     if result.failures:

@@ -1,0 +1,115 @@
+"""The training stage end to end on tiny cases: MLflow run, checkpoints, artifacts, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint
+from brats_psp.config import Config, load_config
+from brats_psp.training import train
+from tests.conftest import REPO, write_case
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "raw"
+    for i in range(4):
+        write_case(root, "brats2021", f"BraTS2021_{i:05d}", shape=(48, 52, 28), seed=i)
+    return root
+
+
+def smoke_config(tmp: Path, *overrides: str) -> Config:
+    return load_config(
+        REPO / "configs" / "smoke.yaml",
+        [
+            f"data.cache_dir={tmp / 'cache'}",
+            "data.spacing=[2.0,2.0,2.0]",
+            "data.slice_size=[32,32]",
+            "infer.roi_size=[32,32]",
+            "train.slices_per_epoch=16",
+            f"train.output_dir={tmp / 'outputs'}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            *overrides,
+        ],
+    )
+
+
+def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = smoke_config(tmp_path)
+    result = train(cfg, data=tiny_data, progress=False)
+    assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.epochs"] == "2" and params["model.bins"] == "[1, 2, 3, 6]"
+    assert params["dataset.train_cases"] == "2" and params["dataset.val_cases"] == "2"
+    assert "git_commit" in params and params["device"].startswith("cpu")
+    for key in ("train/loss", "train/class_loss", "val/dice_WT", "val/dice_TC", "val/dice_ET", "val/dice_mean", "train/lr", "train/slices_per_s"):
+        steps = [m.step for m in client.get_metric_history(result.run_id, key)]
+        assert steps == [0, 1], key
+    for m in client.get_metric_history(result.run_id, "val/dice_mean"):
+        assert 0.0 <= m.value <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "learning_curves.png", "val_overlay.png", "history.json", "checkpoints"} <= artifacts
+
+    # the logged model takes any slice size and returns region probabilities
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    with torch.inference_mode():
+        probs = model(torch.randn(2, 4, 40, 36))
+    assert probs.shape == (2, 3, 40, 36) and float(probs.min()) >= 0 and float(probs.max()) <= 1
+
+    state = load_checkpoint(result.best_checkpoint)
+    assert config_of(state).train.epochs == 2
+    assert state["preprocessing"]["spacing"] == [2.0, 2.0, 2.0] and state["run_id"] == result.run_id
+    assert (result.run_dir / "config.yaml").is_file()
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = smoke_config(tmp_path, "train.epochs=3", "train.deterministic=true", "train.val_every=2")
+    full = train(cfg, data=tiny_data, progress=False)
+
+    def crash_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 0:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        train(cfg, data=tiny_data, progress=False, on_epoch_end=crash_after_first_epoch)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    crashed = [r for r in client.search_runs([client.get_experiment_by_name("brats_psp").experiment_id]) if r.info.status == "FAILED"]
+    assert len(crashed) == 1
+    run_id = crashed[0].info.run_id
+
+    resumed = train(cfg, resume=run_id, progress=False)
+    assert resumed.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
+    a = load_checkpoint(full.last_checkpoint)["model"]
+    b = load_checkpoint(resumed.last_checkpoint)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "truncated.pt")
