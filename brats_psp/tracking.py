@@ -71,18 +71,24 @@ class RunTracker:
             return None
         import mlflow
 
-        configure_tracking(self.cfg)
-        if run_id is None:
-            mlflow.set_experiment(self.cfg.tracking.experiment)
-            run = mlflow.start_run(run_name=run_name or self.cfg.tracking.run_name, tags=dict(tags or {}))
-        else:
-            run = mlflow.start_run(run_id=run_id)
+        uri = configure_tracking(self.cfg)
+        try:
+            if run_id is None:
+                mlflow.set_experiment(self.cfg.tracking.experiment)
+                run = mlflow.start_run(run_name=run_name or self.cfg.tracking.run_name, tags=dict(tags or {}))
+            else:
+                run = mlflow.start_run(run_id=run_id)
+        except Exception as err:  # tracking server down: train anyway, keep tracking data locally
+            log.warning("cannot reach the MLflow tracking store %s (%s); training goes on without it", uri, err)
+            self.warned = True
+            self.run_id = run_id
+            return run_id
         self.run_id = run.info.run_id
         return self.run_id
 
     def end(self, status: str) -> None:
         """Close the run with ``FINISHED`` or ``FAILED``."""
-        if not self.enabled or self.run_id is None:
+        if not self.enabled:
             return
         import mlflow
 
@@ -96,10 +102,14 @@ class RunTracker:
         import mlflow
 
         params = {k: _param_value(v) for k, v in {**flatten(config_to_dict(cfg)), **extra}.items()}
-        existing = mlflow.get_run(self.run_id).data.params if self.run_id else {}
-        fresh = {k: v for k, v in params.items() if k not in existing}
-        if fresh:
-            self._call("log_params", lambda: mlflow.log_params(fresh), {"params": fresh})
+
+        def log_new_params() -> None:
+            existing = mlflow.get_run(self.run_id).data.params  # a resumed run keeps its params
+            fresh = {k: v for k, v in params.items() if k not in existing}
+            if fresh:
+                mlflow.log_params(fresh)
+
+        self._call("log_params", log_new_params, {"params": params})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
@@ -149,6 +159,8 @@ class RunTracker:
     # ------------------------------------------------------------------ failures
     def _call(self, what: str, fn: Any, payload: Mapping[str, Any]) -> None:
         try:
+            if self.run_id is None:
+                raise ConnectionError("no MLflow run (the tracking store was unreachable at start)")
             fn()
         except Exception as err:  # the tracking server may be down; training must go on
             if not self.warned:

@@ -306,8 +306,10 @@ def train(
         model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
     tracker = RunTracker(cfg, enabled=runtime.is_main)
-    run_id = _broadcast(tracker.start(run_id=run_id) if runtime.is_main else None, runtime)
-    run_dir = Path(cfg.train.output_dir) / (run_id or "offline")
+    run_id = tracker.start(run_id=run_id) if runtime.is_main else None
+    run_name = run_id or f"offline-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, run_name = _broadcast((run_id, run_name), runtime)
+    run_dir = Path(cfg.train.output_dir) / run_name
     tracker.fallback_dir = run_dir
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
