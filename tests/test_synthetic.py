@@ -1,0 +1,320 @@
+"""Tests of the synthetic BraTS-like dataset (brats_psp.data.synthetic).
+
+Eight cases are generated once per module (about 1.5-2 s each) and shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_psp.data import synthetic
+from brats_psp.data.layouts import LAYOUTS, MODALITIES
+from brats_psp.data.synthetic import (
+    BRATS_AFFINE,
+    BRATS_SHAPE,
+    SyntheticCase,
+    case_id_for,
+    generate_case,
+    write_case,
+    write_dataset,
+)
+from brats_psp.labels import Tissue, tissue_to_release
+
+N_CASES = 8
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[SyntheticCase]:
+    return [generate_case(i, seed=0) for i in range(N_CASES)]
+
+
+_SUB = (slice(None, None, 2),) * 3  # every 8th voxel: enough for means and medians, 8x cheaper
+
+
+def _normal_wm(case: SyntheticCase) -> np.ndarray:
+    """Normal-appearing white matter on the ``_SUB`` grid: away from the lesion, brightest T1 quartile."""
+    t1 = case.images["t1"][_SUB]
+    lesion = case.tissue[_SUB] > 0
+    far = (t1 > 0) & ~lesion
+    # Drop a margin around the lesion (partial volume, soft edema edge).
+    box = np.argwhere(lesion)
+    if len(box):
+        lo, hi = box.min(0) - 3, box.max(0) + 4
+        far[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = False
+    return far & (t1 > np.percentile(t1[far], 75))
+
+
+def _lesion_box(case: SyntheticCase) -> tuple[slice, ...]:
+    """Bounding box of the lesion (its labels, in the full grid)."""
+    where = np.argwhere(case.tissue > 0)
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(where.min(0), where.max(0)))
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_case_ids() -> None:
+    assert case_id_for(0, "brats2021") == "BraTS2021_00000"
+    assert case_id_for(12, "brats2023") == "BraTS-GLI-00012-000"
+    assert case_id_for(0, "msd") == "BRATS_001"
+    assert case_id_for(41, "msd") == "BRATS_042"
+    with pytest.raises(ValueError):
+        case_id_for(0, "brats2019")
+
+
+def test_shapes_dtypes_affine(cases: list[SyntheticCase]) -> None:
+    case = cases[0]
+    assert case.case_id == "BraTS2021_00000"
+    assert set(case.images) == set(MODALITIES)
+    for modality, img in case.images.items():
+        assert img.shape == BRATS_SHAPE, modality
+        assert img.dtype == np.int16, modality
+    assert case.tissue.shape == BRATS_SHAPE
+    assert case.tissue.dtype == np.uint8
+    assert case.affine.dtype == np.float64
+    np.testing.assert_array_equal(
+        case.affine, [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]]
+    )
+    np.testing.assert_array_equal(BRATS_AFFINE, case.affine)
+
+
+def test_intensities_like_brats(cases: list[SyntheticCase]) -> None:
+    medians: dict[str, list[float]] = {m: [] for m in MODALITIES}
+    for case in cases:
+        brain = case.images["t1"] > 0
+        # Brain-sized (BraTS brains hold ~1.2-2.1 million 1 mm voxels), the four contrasts share it.
+        assert 1.1e6 < brain.sum() < 2.3e6, case.case_id
+        for modality, img in case.images.items():
+            assert np.array_equal(img > 0, brain), (case.case_id, modality)
+            assert img.min() == 0
+            sub = img[_SUB]
+            medians[modality].append(float(np.median(sub[sub > 0])))
+            assert 100 < medians[modality][-1] < 5000, (case.case_id, modality, medians[modality][-1])
+        # The brain fits in the grid: nothing on the in-plane borders or in the top slice.
+        assert not brain[[0, -1], :, :].any() and not brain[:, [0, -1], :].any()
+        assert not brain[:, :, -1].any(), case.case_id
+    # A per-scan intensity scale: absolute intensities differ between cases, as in real MRI.
+    for modality, values in medians.items():
+        assert max(values) / min(values) > 1.3, (modality, values)
+
+
+def test_labels_inside_brain(cases: list[SyntheticCase]) -> None:
+    for case in cases:
+        assert set(np.unique(case.tissue)) <= {0, 1, 2, 3}, case.case_id
+        brain = case.images["flair"] > 0
+        assert not (case.tissue[~brain] > 0).any(), case.case_id
+        assert (case.tissue > 0).sum() > 500, case.case_id
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_deterministic(cases: list[SyntheticCase]) -> None:
+    # Case 2 alone (own RNG: default_rng([seed, index])) equals case 2 generated after 0 and 1;
+    # fmt only changes the case id.
+    again = generate_case(2, seed=0, fmt="msd")
+    assert again.case_id == "BRATS_003"
+    np.testing.assert_array_equal(again.tissue, cases[2].tissue)
+    for modality in MODALITIES:
+        np.testing.assert_array_equal(again.images[modality], cases[2].images[modality])
+
+
+def test_cases_differ(cases: list[SyntheticCase]) -> None:
+    assert not np.array_equal(cases[0].tissue, cases[1].tissue)
+    assert not np.array_equal(cases[0].images["t1"], cases[1].images["t1"])
+    # ... and the anatomy itself differs (random affine + elastic), not only the lesion.
+    assert not np.array_equal(cases[0].images["t1"] > 0, cases[1].images["t1"] > 0)
+
+
+# --------------------------------------------------------------------------- contrasts
+
+
+def test_contrast_rules(cases: list[SyntheticCase]) -> None:
+    checked = {"et": 0, "ed": 0, "ncr": 0}
+    for case in cases:
+        wm = _normal_wm(case)
+        mean = {m: {"wm": case.images[m][_SUB][wm].mean()} for m in MODALITIES}
+        box = _lesion_box(case)
+        tissue = case.tissue[box]
+        for name, code in (("ncr", Tissue.NCR), ("ed", Tissue.ED), ("et", Tissue.ET)):
+            region = tissue == code
+            if region.sum() < 100:
+                continue
+            checked[name] += 1
+            for m in MODALITIES:
+                mean[m][name] = case.images[m][box][region].mean()
+        # Normal tissue: WM is among the brightest on T1 and among the darkest on T2.
+        for m, brighter in (("t1", True), ("t2", False)):
+            sub = case.images[m][_SUB]
+            assert (mean[m]["wm"] > np.median(sub[sub > 0])) == brighter, (case.case_id, m)
+        if "et" in mean["t1ce"]:
+            assert mean["t1ce"]["et"] > 1.3 * mean["t1ce"]["wm"], case.case_id
+        if "ed" in mean["flair"]:
+            assert mean["flair"]["ed"] > 1.3 * mean["flair"]["wm"], case.case_id
+            assert mean["t2"]["ed"] > 1.3 * mean["t2"]["wm"], case.case_id
+            assert mean["t1"]["ed"] < mean["t1"]["wm"], case.case_id
+        if "ncr" in mean["t1"]:
+            assert mean["t1"]["ncr"] < 0.85 * mean["t1"]["wm"], case.case_id
+            assert mean["t1ce"]["ncr"] < mean["t1ce"]["wm"], case.case_id
+            assert mean["t2"]["ncr"] > mean["t2"]["wm"], case.case_id
+    assert min(checked.values()) >= 3, checked
+
+
+def test_flair_suppresses_csf(cases: list[SyntheticCase]) -> None:
+    # CSF (the brightest T2 voxels: ventricles) is dark on FLAIR, so its FLAIR/T2 ratio is
+    # far below that of white matter.
+    case = cases[0]
+    t2 = case.images["t2"][_SUB].astype(np.float64)
+    flair = case.images["flair"][_SUB].astype(np.float64)
+    brain = (t2 > 0) & (case.tissue[_SUB] == 0)
+    csf = brain & (t2 > np.percentile(t2[brain], 98))
+    wm = _normal_wm(case)
+    assert flair[csf].mean() / t2[csf].mean() < 0.5 * flair[wm].mean() / t2[wm].mean()
+
+
+# --------------------------------------------------------------------------- variety
+
+
+def test_variety(cases: list[SyntheticCase]) -> None:
+    et = [int((c.tissue == Tissue.ET).sum()) for c in cases]
+    ncr = [int((c.tissue == Tissue.NCR).sum()) for c in cases]
+    wt = [int((c.tissue > 0).sum()) for c in cases]
+    assert any(v == 0 for v in et), et  # low-grade-like cases without enhancing tumour
+    assert sum(v > 0 for v in et) >= N_CASES // 2, et
+    assert all(n > 0 for n, e in zip(ncr, et) if e == 0), (ncr, et)  # ET-free cases still have a core
+    assert max(wt) > 4 * min(wt), wt  # lesion volumes vary
+    assert min(wt) < 20_000, wt  # some small lesions
+    # Lesions in different places: centroids spread over both hemispheres (x is left-right).
+    centres = np.array([np.argwhere(c.tissue > 0).mean(0) for c in cases])
+    assert centres[:, 0].min() < 120 < centres[:, 0].max(), centres
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _load(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), img
+
+
+@pytest.mark.parametrize(
+    ("fmt", "suffixes", "et_value"),
+    [
+        ("brats2021", {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, 4),
+        ("brats2023", {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, 3),
+    ],
+)
+def test_write_case_per_contrast_layouts(
+    cases: list[SyntheticCase], tmp_path: Path, fmt: str, suffixes: dict[str, str], et_value: int
+) -> None:
+    case = dataclasses.replace(cases[0], case_id=case_id_for(0, fmt))
+    paths = write_case(case, tmp_path, fmt=fmt)
+    sep = LAYOUTS[fmt].separator
+    expected = {tmp_path / case.case_id / f"{case.case_id}{sep}{s}.nii.gz" for s in [*suffixes.values(), "seg"]}
+    assert set(paths) == expected
+    assert sorted(p.name for p in (tmp_path / case.case_id).iterdir()) == sorted(p.name for p in expected)
+    for modality, suffix in suffixes.items():
+        data, img = _load(tmp_path / case.case_id / f"{case.case_id}{sep}{suffix}.nii.gz")
+        assert img.get_data_dtype() == np.int16
+        assert data.shape == BRATS_SHAPE
+        np.testing.assert_array_equal(img.affine, BRATS_AFFINE)
+        np.testing.assert_array_equal(data, case.images[modality])
+    seg, img = _load(tmp_path / case.case_id / f"{case.case_id}{sep}seg.nii.gz")
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(img.affine, BRATS_AFFINE)
+    assert set(np.unique(seg)) == {0, 1, 2, et_value}
+    np.testing.assert_array_equal(seg == et_value, case.tissue == Tissue.ET)
+    np.testing.assert_array_equal(seg == 1, case.tissue == Tissue.NCR)
+    np.testing.assert_array_equal(seg == 2, case.tissue == Tissue.ED)
+
+
+def test_write_case_msd(cases: list[SyntheticCase], tmp_path: Path) -> None:
+    case = dataclasses.replace(cases[0], case_id=case_id_for(0, "msd"))
+    paths = write_case(case, tmp_path, fmt="msd")
+    image_path = tmp_path / "imagesTr" / "BRATS_001.nii.gz"
+    label_path = tmp_path / "labelsTr" / "BRATS_001.nii.gz"
+    assert paths == [image_path, label_path]
+    data, img = _load(image_path)
+    assert data.shape == (*BRATS_SHAPE, 4)
+    assert img.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(img.affine, BRATS_AFFINE)
+    for channel, modality in enumerate(("flair", "t1", "t1ce", "t2")):
+        np.testing.assert_array_equal(data[..., channel], case.images[modality])
+    label, _ = _load(label_path)
+    assert label.shape == BRATS_SHAPE
+    # MSD: 1 edema, 2 non-enhancing/necrotic core, 3 enhancing tumour.
+    np.testing.assert_array_equal(label == 1, case.tissue == Tissue.ED)
+    np.testing.assert_array_equal(label == 2, case.tissue == Tissue.NCR)
+    np.testing.assert_array_equal(label == 3, case.tissue == Tissue.ET)
+
+
+def test_write_case_without_label(cases: list[SyntheticCase], tmp_path: Path) -> None:
+    paths = write_case(cases[1], tmp_path, with_label=False)
+    assert len(paths) == 4
+    assert not (tmp_path / cases[1].case_id / f"{cases[1].case_id}_seg.nii.gz").exists()
+
+
+def test_write_dataset_msd_and_rerun(
+    cases: list[SyntheticCase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    generated: list[SyntheticCase] = []
+    real_generate = synthetic.generate_case
+
+    def counting_generate(index: int, seed: int = 0, fmt: str = "brats2021") -> SyntheticCase:
+        calls.append(index)
+        generated.append(real_generate(index, seed=seed, fmt=fmt))
+        return generated[-1]
+
+    monkeypatch.setattr(synthetic, "generate_case", counting_generate)
+    ids = write_dataset(tmp_path, 1, seed=5, fmt="msd")
+    assert ids == ["BRATS_001"]
+    assert calls == [0]
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["labels"] == {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+    assert meta["modality"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+    assert meta["numTraining"] == 1
+    assert meta["training"] == [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}]
+    assert "name" in meta
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == [
+        "dataset.json",
+        "imagesTr/BRATS_001.nii.gz",
+        "labelsTr/BRATS_001.nii.gz",
+    ]
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+
+    # A re-run does no work: nothing generated, no file rewritten.
+    assert write_dataset(tmp_path, 1, seed=5, fmt="msd") == ["BRATS_001"]
+    assert calls == [0]
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+
+    # The label is the generated case's, in MSD values; another seed gives another dataset.
+    label, _ = _load(tmp_path / "labelsTr" / "BRATS_001.nii.gz")
+    np.testing.assert_array_equal(label, tissue_to_release(generated[0].tissue, "msd"))
+    assert not np.array_equal(generated[0].tissue, cases[0].tissue)
+
+
+def test_write_dataset_skips_existing_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def fake_generate(index: int, seed: int = 0, fmt: str = "brats2021") -> SyntheticCase:
+        calls.append(index)
+        zeros = np.zeros((2, 2, 2), np.int16)
+        return SyntheticCase(
+            case_id_for(index, fmt), {m: zeros for m in MODALITIES}, np.zeros((2, 2, 2), np.uint8), BRATS_AFFINE
+        )
+
+    monkeypatch.setattr(synthetic, "generate_case", fake_generate)
+    assert write_dataset(tmp_path, 2) == ["BraTS2021_00000", "BraTS2021_00001"]
+    assert calls == [0, 1]
+    # Case 1 loses a file: only it is generated again; a larger dataset adds the new cases.
+    (tmp_path / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz").unlink()
+    write_dataset(tmp_path, 3, progress=True)
+    assert calls == [0, 1, 1, 2]
