@@ -23,7 +23,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_training_against_a_tracking_server(server: MlflowServer, tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    cfg = smoke_config(tmp_path, f"tracking.uri={server.uri}", "tracking.experiment=server_test", "train.epochs=1")
+    cfg = smoke_config(
+        tmp_path, f"tracking.uri={server.uri}", "tracking.experiment=server_test", "train.epochs=1", "tracking.register_name=psp_smoke"
+    )
     result = train(cfg, data=tiny_data, progress=False)
     client = MlflowClient(tracking_uri=server.uri)
     run = client.get_run(result.run_id)
@@ -34,6 +36,10 @@ def test_training_against_a_tracking_server(server: MlflowServer, tiny_data: Pat
     mlflow.set_tracking_uri(server.uri)
     model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     assert model(torch.zeros(1, 4, 32, 32)).shape == (1, 3, 32, 32)
+    (version,) = client.search_model_versions("name='psp_smoke'")
+    assert version.run_id == result.run_id
+    registered = mlflow.pytorch.load_model(f"models:/psp_smoke/{version.version}")
+    assert registered(torch.zeros(1, 4, 24, 40)).shape == (1, 3, 24, 40)
     # artifacts went through the server into its own folder
     assert any((server.root / "artifacts").rglob("best.pt"))
 

@@ -65,6 +65,7 @@ from brats_psp.io import save_nifti, write_json
 from brats_psp.labels import Tissue, tissue_to_release
 
 __all__ = [
+    "GENERATOR_VERSION",
     "BRATS_SHAPE",
     "BRATS_AFFINE",
     "SyntheticCase",
@@ -78,6 +79,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Voxel grid of every BraTS release (x, y, z), 1 mm isotropic.
+#: Bumped whenever generated cases change for a given seed (the built-in cache is keyed on it).
+GENERATOR_VERSION = 2
+
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 
 #: Voxel -> world (mm) affine of BraTS volumes: x and y flipped (LPS voxel axes).
@@ -97,11 +101,13 @@ _KIND_CYCLE: tuple[str, ...] = ("gbm", "lgg", "gbm", "solid", "gbm", "solid", "l
 
 #: Relative intensities (WM on T1 ~ 0.85) per contrast and tissue, before scaling.
 _INTENSITY: dict[str, dict[str, float]] = {
-    # ncr: necrosis (high-grade); net: non-enhancing tumour core (low-grade-like cases)
-    "t1": {"csf": 0.30, "gm": 0.62, "wm": 0.85, "ncr": 0.26, "net": 0.55, "et": 0.60, "ed": 0.52},
-    "t1ce": {"csf": 0.32, "gm": 0.64, "wm": 0.84, "ncr": 0.28, "net": 0.56, "et": 1.45, "ed": 0.56},
-    "t2": {"csf": 1.60, "gm": 0.86, "wm": 0.62, "ncr": 1.40, "net": 1.25, "et": 0.95, "ed": 1.22},
-    "flair": {"csf": 0.16, "gm": 0.80, "wm": 0.60, "ncr": 0.70, "net": 1.10, "et": 0.95, "ed": 1.25},
+    # ncr: necrosis (high-grade); net: non-enhancing tumour core (low-grade-like cases), drawn
+    # with the T2-FLAIR mismatch sign of IDH-mutant astrocytomas (Patel et al., Clin Cancer Res
+    # 2017): homogeneously bright on T2, relatively dark on FLAIR, darker than edema on T1
+    "t1": {"csf": 0.30, "gm": 0.62, "wm": 0.85, "ncr": 0.26, "net": 0.42, "et": 0.60, "ed": 0.52},
+    "t1ce": {"csf": 0.32, "gm": 0.64, "wm": 0.84, "ncr": 0.28, "net": 0.45, "et": 1.45, "ed": 0.56},
+    "t2": {"csf": 1.60, "gm": 0.86, "wm": 0.62, "ncr": 1.40, "net": 1.55, "et": 0.95, "ed": 1.22},
+    "flair": {"csf": 0.16, "gm": 0.80, "wm": 0.60, "ncr": 0.70, "net": 0.88, "et": 0.95, "ed": 1.25},
 }
 
 #: Typical scanner value of an intensity of 1.0, per contrast (multiplied per scan
