@@ -34,6 +34,7 @@ __all__ = [
     "InferConfig",
     "TrackingConfig",
     "load_config",
+    "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "flatten",
@@ -323,6 +324,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         for body, source in _read_yaml(Path(path)):
             _apply(config, body, source)
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """Apply dotted ``section.key=value`` overrides to ``config`` (in place) and validate it."""
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(config, {section: {key: value}}, f"override {text!r}")

@@ -19,7 +19,7 @@ from brats_psp.data.transforms import apply_transforms, volume_transforms  # noq
 from brats_psp.io import atomic_path  # noqa: E402
 from brats_psp.labels import Tissue  # noqa: E402
 
-__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay", "plot_learning_curves"]
+__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay", "plot_learning_curves", "save_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ def plot_cases(data: str | os.PathLike, out: str | os.PathLike, n_cases: int = 3
             show_slice(ax, image[c, :, :, z], title=f"{case.case_id}\n{MODALITY_TITLES[modality]}, z={z}")
         show_slice(row[-1], image[MODALITIES.index("flair"), :, :, z], tissue, title="labels: NCR red, ED green, ET yellow")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig: plt.Figure, out: str | os.PathLike) -> Path:
+def save_figure(fig: plt.Figure, out: str | os.PathLike) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
@@ -84,7 +84,7 @@ def plot_validation_overlay(example: dict, out: str | os.PathLike, title: str = 
     show_slice(axes[2], flair, ref[:, :, z], title="reference")
     show_slice(axes[3], flair, pred[:, :, z], title=f"prediction {title}".strip())
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_learning_curves(history: list[dict[str, float]], out: str | os.PathLike) -> Path:
@@ -105,4 +105,4 @@ def plot_learning_curves(history: list[dict[str, float]], out: str | os.PathLike
     ax_dice.set_ylim(0, 1)
     ax_dice.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from brats_psp.checkpoint import CheckpointError  # noqa: E402
 from brats_psp.config import ConfigError, load_config  # noqa: E402
 from brats_psp.errors import CaseError, DiscoveryError  # noqa: E402
 
@@ -91,15 +92,56 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+@stage("infer")
+def infer(args: argparse.Namespace) -> int:
+    from brats_psp.config import apply_overrides
+    from brats_psp.segment import load_model, segment_cases
+
+    not_infer = [o for o in args.overrides if not o.startswith("infer.")]
+    if not_infer:
+        raise ConfigError(f"infer takes only infer.* overrides (the rest comes from the model), got {not_infer}")
+    cfg = apply_overrides(load_model(args.model, args.tracking_uri).config, args.overrides)
+    result = segment_cases(args.model, args.input, args.output, cfg.infer, layout=args.layout, tracking_uri=args.tracking_uri)
+    log.info("wrote %d segmentation(s) to %s", len(result.written), args.output)
+    return _report_failures(result.failures, "inference")
+
+
+@stage("evaluate")
+def evaluate(args: argparse.Namespace) -> int:
+    from brats_psp.evaluation import evaluate as evaluate_stage
+    from brats_psp.evaluation import format_table, log_to_mlflow, predictions_run_id
+
+    result = evaluate_stage(args.pred, args.ref, args.out, layout=args.layout, pred_labels=args.pred_labels)
+    print(format_table(result.summary))
+    log.info("wrote %s and %s", result.metrics_csv, result.summary_json)
+    run_id = args.run or predictions_run_id(args.pred)
+    if run_id:
+        log_to_mlflow(run_id, result, args.tracking_uri)
+        log.info("logged the evaluation to MLflow run %s", run_id)
+    return _report_failures(result.failures, "evaluation")
+
+
+@stage("compare")
+def compare(args: argparse.Namespace) -> int:
+    from brats_psp.compare import compare_runs, format_comparison
+
+    result = compare_runs(args.experiment, args.metric, args.runs, args.out, args.tracking_uri)
+    print(format_comparison(result))
+    if result.csv_path:
+        log.info("wrote %s and %s", result.csv_path, result.png_path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    def add(name: str, help_text: str, config: bool = True) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, config: bool = True, overrides: bool | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config:
             p.add_argument("--config", help="YAML config (default: the built-in defaults; see configs/)")
+        if config if overrides is None else overrides:
             p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.epochs=6")
         return p
 
@@ -120,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train a PSPNet on BraTS slices, tracked in MLflow (default config: configs/default.yaml)")
     p.add_argument("--data", help="dataset folder or datalist (default: data.root, else the built-in synthetic set)")
     p.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT", help="continue a run from its last checkpoint")
+    p = add("infer", "segment NIfTI cases with a trained model; writes OUT/<case>.nii.gz in the input's geometry (infer.* overrides)", config=False, overrides=True)
+    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--input", required=True, help="case folder, dataset folder (any layout) or datalist JSON")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--layout", default="auto", help="force the input layout (brats2021, brats2023, msd)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for run IDs and model URIs (default: MLflow's)")
+
+    p = add("evaluate", "Dice/HD95 per case and region, the BraTS way; metrics.csv, summary.json, MLflow", config=False)
+    p.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions")
+    p.add_argument("--ref", required=True, help="reference cases with labels (any layout)")
+    p.add_argument("--out", help="where metrics.csv and summary.json go (default: --pred)")
+    p.add_argument("--run", help="MLflow run to log to (default: the run of the model that made the predictions)")
+    p.add_argument("--layout", default="auto", help="force the reference layout")
+    p.add_argument("--pred-labels", choices=["brats2021", "brats2023", "msd"], help="label convention of the predictions (default: the reference's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
+    p = add("compare", "compare MLflow runs: differing params, final and best metrics, validation curves", config=False)
+    p.add_argument("--experiment", default="brats_psp", help="MLflow experiment (default brats_psp)")
+    p.add_argument("--metric", default="val/dice_mean", help="metric to sort by (default val/dice_mean)")
+    p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="compare these runs (default: every run of the experiment)")
+    p.add_argument("--out", default="comparison", help="folder for comparison.csv and comparison.png (default ./comparison)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
     return parser
 
 
@@ -132,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return STAGES[args.stage](args)
-    except (ConfigError, DiscoveryError, CaseError) as err:
+    except (ConfigError, DiscoveryError, CaseError, CheckpointError, PermissionError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
 

@@ -1,4 +1,4 @@
-"""Data-parallel training with torchrun: two CPU processes (gloo), one MLflow run."""
+"""Data-parallel training with torchrun: two CPU processes (gloo), one MLflow run (about 35 s)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
 from tests.test_training import tiny_data  # noqa: F401  (fixture)
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [

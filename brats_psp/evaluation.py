@@ -1,0 +1,169 @@
+"""The evaluate stage: score ``<case>.nii.gz`` predictions against reference cases, the BraTS way.
+
+Per case and region (WT, TC, ET): Dice, HD95 (mm, spacing from the reference header),
+sensitivity, specificity (over the whole volume) and volumes, with the legacy empty-mask rules of
+:mod:`brats_psp.metrics`. Writes ``metrics.csv`` (one row per case and region: ``case,region,
+dice,hd95,sensitivity,specificity,volume_pred_mm3,volume_ref_mm3``) and ``summary.json`` (mean,
+std, median and quartiles per region and metric), and logs both to an MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from brats_psp.data.discovery import Case, discover_cases
+from brats_psp.errors import CaseError
+from brats_psp.io import write_json, write_text
+from brats_psp.labels import REGION_NAMES, LabelValueError, release_to_regions
+from brats_psp.metrics import region_metrics
+
+__all__ = ["METRICS", "EvaluationResult", "evaluate_case", "evaluate", "summarise", "format_table", "log_to_mlflow", "predictions_run_id"]
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dice", "hd95", "sensitivity", "specificity", "volume_pred_mm3", "volume_ref_mm3")
+AFFINE_ATOL_MM = 1e-3
+
+
+@dataclass
+class EvaluationResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    failures: list[CaseError] = field(default_factory=list)
+    metrics_csv: Path | None = None
+    summary_json: Path | None = None
+
+
+def _read_label(case_id: str, path: Path, release: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as err:
+        raise CaseError(case_id, path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    try:
+        return release_to_regions(data, release), img
+    except LabelValueError as err:
+        raise CaseError(case_id, path, str(err)) from None
+
+
+def _find_prediction(pred_dir: Path, case_id: str) -> Path:
+    for ext in (".nii.gz", ".nii"):
+        path = pred_dir / f"{case_id}{ext}"
+        if path.is_file():
+            return path
+    raise CaseError(case_id, pred_dir / f"{case_id}.nii.gz", "prediction file not found")
+
+
+def evaluate_case(case: Case, pred_path: Path, pred_labels: str | None = None) -> list[dict[str, Any]]:
+    """Rows (one per region) of metrics for one case; the prediction uses ``pred_labels`` (default: the case's release)."""
+    if case.label is None:
+        raise CaseError(case.case_id, case.images[0], "reference case has no label file")
+    ref, ref_img = _read_label(case.case_id, case.label, case.layout)
+    pred, pred_img = _read_label(case.case_id, pred_path, pred_labels or case.layout)
+    if pred.shape != ref.shape:
+        raise CaseError(case.case_id, pred_path, f"prediction shape {pred.shape[1:]} differs from the reference {ref.shape[1:]}")
+    if not np.allclose(pred_img.affine, ref_img.affine, atol=AFFINE_ATOL_MM):
+        raise CaseError(case.case_id, pred_path, "prediction affine differs from the reference (not in the input's geometry)")
+    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+    return [{"case": case.case_id, "region": r, **region_metrics(pred[i], ref[i], spacing)} for i, r in enumerate(REGION_NAMES)]
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, std, median and quartiles per region and metric."""
+    out: dict[str, Any] = {"cases": len({r["case"] for r in rows})}
+    for region in REGION_NAMES:
+        out[region] = {}
+        for metric in METRICS:
+            values = np.array([r[metric] for r in rows if r["region"] == region], dtype=float)
+            if values.size == 0:
+                continue
+            q25, median, q75 = np.percentile(values, [25, 50, 75])
+            out[region][metric] = {
+                "mean": float(values.mean()), "std": float(values.std()), "median": float(median),
+                "q25": float(q25), "q75": float(q75), "n": int(values.size),
+            }
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A short text table of the mean (± std) Dice and HD95 per region."""
+    lines = [f"{'region':<8}{'Dice':>16}{'HD95 (mm)':>20}", "-" * 44]
+    for region in REGION_NAMES:
+        s = summary.get(region, {})
+        if "dice" in s:
+            d, h = s["dice"], s["hd95"]
+            lines.append(f"{region:<8}{d['mean']:>9.4f} ± {d['std']:.3f}{h['mean']:>12.2f} ± {h['std']:.2f}")
+    lines.append(f"({summary.get('cases', 0)} cases)")
+    return "\n".join(lines)
+
+
+def _rows_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["case", "region", *METRICS], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def log_to_mlflow(run_id: str, result: EvaluationResult, tracking_uri: str | None = None) -> None:
+    """Mean metrics (``eval/dice_WT`` ...) and the two files, on an existing run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for region in REGION_NAMES:
+        for metric in ("dice", "hd95"):
+            stats = result.summary.get(region, {}).get(metric)
+            if stats:
+                client.log_metric(run_id, f"eval/{metric}_{region}", stats["mean"])
+    dice = [result.summary[r]["dice"]["mean"] for r in REGION_NAMES if "dice" in result.summary.get(r, {})]
+    if dice:
+        client.log_metric(run_id, "eval/dice_mean", float(np.mean(dice)))
+    for path in (result.metrics_csv, result.summary_json):
+        if path is not None:
+            client.log_artifact(run_id, str(path), "evaluation")
+
+
+def evaluate(
+    pred_dir: str | os.PathLike,
+    ref: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    layout: str = "auto",
+    pred_labels: str | None = None,
+) -> EvaluationResult:
+    """Score every reference case under ``ref`` that has a label against ``pred_dir/<case>.nii.gz``."""
+    pred_dir = Path(pred_dir)
+    out = Path(out_dir) if out_dir is not None else pred_dir
+    found = discover_cases(ref, layout)
+    result = EvaluationResult(failures=list(found.failures))
+    for case in found.cases:
+        try:
+            result.rows.extend(evaluate_case(case, _find_prediction(pred_dir, case.case_id), pred_labels))
+        except CaseError as err:
+            log.error("%s", err)
+            result.failures.append(err)
+    result.summary = summarise(result.rows)
+    result.summary["failed"] = [str(f) for f in result.failures]
+    result.metrics_csv, result.summary_json = out / "metrics.csv", out / "summary.json"
+    write_text(result.metrics_csv, _rows_csv(result.rows))
+    write_json(result.summary_json, result.summary)
+    return result
+
+
+def predictions_run_id(pred_dir: str | os.PathLike) -> str | None:
+    """The MLflow run of the model that wrote ``pred_dir`` (from its ``inference.json``), if known."""
+    try:
+        return json.loads((Path(pred_dir) / "inference.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+

@@ -1,0 +1,200 @@
+"""The infer stage: segment whole NIfTI cases with a trained model, written in the input's geometry.
+
+For each case: the preprocessing stored in the checkpoint (the training transforms: RAS,
+resampling, crop to the brain, z-score) -> :func:`brats_psp.inference.predict_volume`
+(slice-wise sliding windows) -> the MONAI inverse of crop, spacing and orientation applied
+to the region probabilities (bilinear) -> threshold -> BraTS postprocessing -> label map in
+the requested release's convention -> ``OUT/<case>.nii.gz`` (uint8, the input's shape,
+affine and header), written atomically. A case that fails is reported by name; the others go on.
+
+``MODEL`` may be a checkpoint file, an MLflow run ID, or an MLflow model URI
+(``runs:/<run id>/model``, ``models:/<name>/<version>``): MLflow references are resolved to
+the run's ``checkpoints/best.pt`` artifact, so every path loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from brats_psp.checkpoint import CheckpointError, build_model_from_checkpoint, config_of, load_checkpoint
+from brats_psp.config import Config, InferConfig
+from brats_psp.data.discovery import Case, discover_cases
+from brats_psp.data.transforms import apply_transforms, volume_transforms
+from brats_psp.errors import CaseError
+from brats_psp.inference import predict_volume
+from brats_psp.io import save_nifti, write_json
+from brats_psp.labels import Tissue, regions_to_tissue, tissue_to_release
+from brats_psp.runtime import Runtime, setup_runtime
+
+__all__ = ["SegmentResult", "LoadedModel", "resolve_checkpoint", "load_model", "segment_case", "segment_cases", "postprocess"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference with the config and preprocessing it was trained with."""
+
+    network: torch.nn.Module
+    config: Config
+    checkpoint: Path
+    run_id: str | None
+
+
+@dataclass
+class SegmentResult:
+    """What the infer stage wrote and what failed."""
+
+    written: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    failures: list[CaseError] = field(default_factory=list)
+
+
+def resolve_checkpoint(model: str, tracking_uri: str | None = None) -> Path:
+    """A local checkpoint for ``model``: a file, an MLflow run ID, or ``runs:/`` / ``models:/`` URI."""
+    path = Path(model)
+    if path.is_file():
+        return path
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    if model.startswith("runs:/"):
+        run_id = model[len("runs:/") :].split("/")[0]
+    elif model.startswith("models:/"):
+        name, _, version = model[len("models:/") :].partition("/")
+        if not version:
+            raise CheckpointError(f"{model}: expected models:/<name>/<version>")
+        run_id = client.get_model_version(name, version).run_id
+    else:
+        run_id = model
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt")
+    except Exception as err:
+        raise CheckpointError(f"{model}: not a checkpoint file, and no MLflow run {run_id} with checkpoints/best.pt ({err})") from None
+    return Path(local)
+
+
+def load_model(model: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Resolve ``model`` and build its network (eval mode, CPU)."""
+    path = resolve_checkpoint(model, tracking_uri)
+    state = load_checkpoint(path)
+    return LoadedModel(build_model_from_checkpoint(state), config_of(state), path, state.get("run_id"))
+
+
+def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
+    """BraTS postprocessing of a tissue map (in place and returned).
+
+    * ``min_component_voxels``: tumour components (WT, 26-connected) smaller than this are removed.
+    * ``small_et_voxels``: when the whole prediction has fewer ET voxels than this, they become NCR
+      (the rule that wins points on cases without enhancing tumour).
+    """
+    if cfg.min_component_voxels > 0:
+        labelled, n = ndimage.label(tissue > 0, structure=np.ones((3, 3, 3), bool))
+        if n:
+            sizes = np.bincount(labelled.ravel())
+            small = np.flatnonzero(sizes < cfg.min_component_voxels)
+            small = small[small > 0]
+            tissue[np.isin(labelled, small)] = Tissue.BACKGROUND
+    if cfg.small_et_voxels > 0:
+        et = tissue == Tissue.ET
+        if 0 < int(et.sum()) < cfg.small_et_voxels:
+            tissue[et] = Tissue.NCR
+    return tissue
+
+
+def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:
+    """Invert crop, spacing and orientation on region probabilities (3 × X × Y × Z)."""
+    meta = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    back = chain.inverse({"image": meta})["image"]
+    return np.asarray(back.detach().cpu().numpy() if hasattr(back, "detach") else back)
+
+
+def segment_case(
+    case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime, labels: str | None = None
+) -> Path:
+    """Segment one case and write ``out_dir/<case_id>.nii.gz``; return its path.
+
+    Raises:
+        CaseError: the case's files are unusable (named in the message).
+    """
+    if "/" in case.case_id or case.case_id.startswith("."):
+        raise CaseError(case.case_id, None, "case id is not a plain file name; refusing to write outside the output folder")
+    train_cfg = loaded.config
+    chain = volume_transforms(train_cfg.data.spacing, with_label=False)
+    data = apply_transforms(chain, {"case": case})
+    image = data["image"]
+    probs = predict_volume(loaded.network, image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
+    probs_in = _to_input_grid(probs, image, chain)
+    ref = nib.load(str(case.images[0]))  # the input's grid: shape, affine and header of the output
+    tissue = regions_to_tissue(probs_in > cfg.threshold)
+    tissue = postprocess(tissue, cfg)
+    release = case.layout if (labels or cfg.labels) == "input" else (labels or cfg.labels)
+    label = tissue_to_release(tissue, release)
+    out = out_dir / f"{case.case_id}.nii.gz"
+    header = ref.header.copy() if isinstance(ref, nib.Nifti1Image) and len(ref.shape) == 3 else None
+    save_nifti(out, label, ref.affine, header=header, dtype=np.uint8)
+    if cfg.save_probabilities:
+        # 4D float32, last axis WT, TC, ET (REGION_NAMES)
+        save_nifti(out_dir / f"{case.case_id}_probabilities.nii.gz", np.moveaxis(probs_in, 0, -1).astype(np.float32), ref.affine)
+    return out
+
+
+def segment_cases(
+    model: str,
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: InferConfig | None = None,
+    layout: str = "auto",
+    tracking_uri: str | None = None,
+    progress: bool = True,
+) -> SegmentResult:
+    """Segment every case under ``input_path`` with ``model`` into ``out_dir``.
+
+    ``cfg`` defaults to the ``infer`` section the model was trained with.
+    """
+    loaded = load_model(model, tracking_uri)
+    cfg = cfg or loaded.config.infer
+    runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, loaded.config.train.threads)
+    loaded.network.to(runtime.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"{out_dir}: output folder is not writable")
+    found = discover_cases(input_path, layout)
+    result = SegmentResult(failures=list(found.failures))
+    for case in tqdm(found.cases, desc="infer", unit="case", disable=not progress):
+        start = time.perf_counter()
+        try:
+            result.written[case.case_id] = segment_case(case, loaded, out_dir, cfg, runtime)
+            result.seconds[case.case_id] = time.perf_counter() - start
+            log.info("%s: %.1f s -> %s", case.case_id, result.seconds[case.case_id], result.written[case.case_id])
+        except CaseError as err:
+            log.error("%s", err)
+            result.failures.append(err)
+    write_json(
+        out_dir / "inference.json",
+        {
+            "model": str(model), "checkpoint": str(loaded.checkpoint), "run_id": loaded.run_id,
+            "infer": dataclasses.asdict(cfg), "seconds_per_case": result.seconds, "failed": [str(f) for f in result.failures],
+        },
+    )
+    if result.seconds:
+        log.info("segmented %d case(s), %.1f s per case on average", len(result.seconds), float(np.mean(list(result.seconds.values()))))
+    return result
+

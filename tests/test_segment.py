@@ -1,0 +1,95 @@
+"""The infer stage: outputs in the input's geometry for every layout, label conventions, options, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brats_psp.checkpoint import save_checkpoint
+from brats_psp.config import config_to_dict, load_config
+from brats_psp.data.discovery import discover_cases
+from brats_psp.data.transforms import preprocessing_params
+from brats_psp.labels import RELEASES, Tissue
+from brats_psp.networks import build_network
+from brats_psp.segment import postprocess, segment_cases
+from tests.conftest import CASE_IDS, REPO, write_case
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained smoke-sized model: enough to check geometry and plumbing."""
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]"])
+    torch.manual_seed(0)
+    model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(
+        path,
+        {"model": model.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None},
+    )
+    return path
+
+
+def test_output_geometry_equals_the_input_for_every_layout(layout_dataset: tuple[str, Path], checkpoint: Path, tmp_path: Path) -> None:
+    layout, root = layout_dataset
+    result = segment_cases(str(checkpoint), root, tmp_path / "out", progress=False)
+    assert not result.failures and sorted(result.written) == CASE_IDS[layout]
+    for case in discover_cases(root).cases:
+        ref = nib.load(str(case.images[0]))
+        out = nib.load(str(tmp_path / "out" / f"{case.case_id}.nii.gz"))
+        assert out.shape == ref.shape[:3] and out.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(out.affine, ref.affine)
+        assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(ref.affine)
+        assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= set(RELEASES[layout].values)
+    info = json.loads((tmp_path / "out" / "inference.json").read_text())
+    assert set(info["seconds_per_case"]) == set(CASE_IDS[layout])
+
+
+def test_non_standard_affine_and_shape(checkpoint: Path, tmp_path: Path) -> None:
+    affine = np.array([[0, 1.2, 0, -40], [0, 0, 0.9, -30], [1.5, 0, 0, 5], [0, 0, 0, 1]])
+    write_case(tmp_path / "in", "brats2023", "BraTS-GLI-00042-000", shape=(37, 45, 29), affine=affine)
+    result = segment_cases(str(checkpoint), tmp_path / "in", tmp_path / "out", progress=False)
+    out = nib.load(str(result.written["BraTS-GLI-00042-000"]))
+    assert out.shape == (37, 45, 29)
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+
+
+def test_options_tta_probabilities_and_label_convention(checkpoint: Path, tmp_path: Path) -> None:
+    write_case(tmp_path / "in", "brats2021", "BraTS2021_00000")
+    cfg = load_config(None, ["infer.tta=true", "infer.save_probabilities=true", "infer.labels=msd", "infer.roi_size=[32,32]"]).infer
+    result = segment_cases(str(checkpoint), tmp_path / "in", tmp_path / "out", cfg, progress=False)
+    labels = np.asarray(nib.load(str(result.written["BraTS2021_00000"])).dataobj)
+    assert set(np.unique(labels).tolist()) <= set(RELEASES["msd"].values)
+    probs = nib.load(str(tmp_path / "out" / "BraTS2021_00000_probabilities.nii.gz"))
+    assert probs.shape == (40, 44, 24, 3)
+    p = np.asarray(probs.dataobj)
+    assert p.min() >= 0 and p.max() <= 1
+
+
+def test_one_bad_case_is_reported_and_the_others_run(checkpoint: Path, tmp_path: Path) -> None:
+    for i in range(3):
+        write_case(tmp_path / "in", "brats2021", f"BraTS2021_{i:05d}", seed=i)
+    bad = tmp_path / "in" / "BraTS2021_00001" / "BraTS2021_00001_flair.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:64])
+    result = segment_cases(str(checkpoint), tmp_path / "in", tmp_path / "out", progress=False)
+    assert sorted(result.written) == ["BraTS2021_00000", "BraTS2021_00002"]
+    assert [f.case_id for f in result.failures] == ["BraTS2021_00001"] and "flair" in str(result.failures[0])
+    assert not (tmp_path / "out" / "BraTS2021_00001.nii.gz").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_postprocess_small_et_and_small_components() -> None:
+    t = np.zeros((20, 20, 20), np.uint8)
+    t[2:8, 2:8, 2:8] = Tissue.ED
+    t[4:6, 4:6, 4:6] = Tissue.ET  # 8 voxels of ET
+    t[15, 15, 15] = Tissue.ED  # an isolated voxel
+    cfg = load_config(None, ["infer.small_et_voxels=10", "infer.min_component_voxels=5"]).infer
+    out = postprocess(t.copy(), cfg)
+    assert not (out == Tissue.ET).any() and (out == Tissue.NCR).sum() == 8
+    assert out[15, 15, 15] == 0 and (out == Tissue.ED).sum() == (t == Tissue.ED).sum() - 1
+    keep = load_config(None, ["infer.small_et_voxels=5"]).infer
+    assert (postprocess(t.copy(), keep) == Tissue.ET).sum() == 8
