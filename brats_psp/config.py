@@ -1,6 +1,7 @@
 """Typed configuration: YAML files over dataclass defaults, plus dotted ``key=value`` overrides.
 
 A config has five sections, ``data``, ``model``, ``train``, ``infer`` and ``tracking``.
+The dataclass defaults are the values of ``configs/default.yaml`` (a test keeps the two equal).
 A YAML file may name a ``base`` file (relative to itself) that it overrides, so experiment
 configs say only what differs from ``configs/default.yaml``::
 
@@ -53,10 +54,10 @@ class DataConfig:
     root: str | None = None  # dataset folder or datalist; None: the built-in synthetic set
     layout: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
     cache_dir: str = ".cache/brats_psp"  # preprocessed cases (and the generated demo set)
-    demo_cases: int = 30  # size of the built-in synthetic set
+    demo_cases: int = 50  # size of the built-in synthetic set
     demo_seed: int = 0
-    spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # mm, (x, y, z) after resampling
-    slice_size: list[int] = field(default_factory=lambda: [192, 192])  # training slice H x W (pad / crop)
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])  # mm, (x, y, z) after resampling
+    slice_size: list[int] = field(default_factory=lambda: [128, 128])  # training slice H x W (pad / crop)
     context_slices: int = 0  # 2.5D: k neighbours on each side, 4 * (2k + 1) input channels
     tumour_ratio: float = 0.5  # fraction of sampled slices that contain tumour
     folds: int = 5
@@ -96,9 +97,9 @@ class ModelConfig:
 
     name: Literal["pspnet", "seed_pspnet"] = "pspnet"
     depth: Literal[18, 34, 50] = 18
-    width: int = 64
+    width: int = 16
     bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
-    psp_channels: int = 512
+    psp_channels: int = 128
     decoder: Literal["progressive", "bilinear"] = "progressive"
     output: Literal["sigmoid", "softmax"] = "sigmoid"
     class_head: bool = True
@@ -118,10 +119,10 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, schedule, checkpoints and the hardware to use."""
 
-    epochs: int = 20
+    epochs: int = 14
     slices_per_epoch: int = 2000
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.9
@@ -154,7 +155,7 @@ class InferConfig:
     """Whole-volume inference: windows over slices, test-time augmentation, postprocessing."""
 
     batch_size: int = 32  # slices per forward pass
-    roi_size: list[int] = field(default_factory=lambda: [192, 192])  # in-plane window (H, W)
+    roi_size: list[int] = field(default_factory=lambda: [128, 128])  # in-plane window (H, W)
     overlap: float = 0.25
     blend: Literal["constant", "gaussian"] = "gaussian"
     tta: bool = False  # flip test-time augmentation

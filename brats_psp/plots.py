@@ -19,7 +19,7 @@ from brats_psp.data.transforms import apply_transforms, volume_transforms  # noq
 from brats_psp.io import atomic_path  # noqa: E402
 from brats_psp.labels import Tissue  # noqa: E402
 
-__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay", "plot_learning_curves", "save_figure"]
+__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay", "plot_learning_curves", "plot_prediction", "save_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 def show_slice(ax: plt.Axes, image: np.ndarray, tissue: np.ndarray | None = None, title: str = "") -> None:
     """Draw an axial slice (X, Y) of a RAS volume, anterior up, with an optional tissue overlay."""
     lo, hi = np.percentile(image[image != 0], (0.5, 99.5)) if np.any(image) else (0.0, 1.0)
-    ax.imshow(image.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
+    gray = plt.get_cmap("gray").with_extremes(bad="black")  # outside the brain (exactly 0) is black
+    ax.imshow(np.ma.masked_equal(image, 0).T, cmap=gray, origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
     if tissue is not None:
         ax.imshow(tissue.T, cmap=TISSUE_CMAP, origin="lower", vmin=0, vmax=len(Tissue) - 1, interpolation="nearest")
     ax.set_title(title, fontsize=9)
@@ -53,7 +54,8 @@ def plot_cases(data: str | os.PathLike, out: str | os.PathLike, n_cases: int = 3
         z = int(np.argmax((tissue > 0).sum(axis=(0, 1)))) if tissue is not None and tissue.any() else image.shape[-1] // 2
         for ax, (c, modality) in zip(row, enumerate(MODALITIES)):
             show_slice(ax, image[c, :, :, z], title=f"{case.case_id}\n{MODALITY_TITLES[modality]}, z={z}")
-        show_slice(row[-1], image[MODALITIES.index("flair"), :, :, z], tissue, title="labels: NCR red, ED green, ET yellow")
+        overlay = None if tissue is None else tissue[:, :, z]
+        show_slice(row[-1], image[MODALITIES.index("flair"), :, :, z], overlay, title="labels: NCR red, ED green, ET yellow")
     fig.tight_layout()
     return save_figure(fig, out)
 
@@ -104,5 +106,32 @@ def plot_learning_curves(history: list[dict[str, float]], out: str | os.PathLike
     ax_dice.set_ylabel("Dice")
     ax_dice.set_ylim(0, 1)
     ax_dice.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_prediction(case_dir: str | os.PathLike, prediction: str | os.PathLike, out: str | os.PathLike, layout: str = "auto") -> Path:
+    """A case's four contrasts and the predicted labels on FLAIR, at the slice with most predicted tumour.
+
+    Both are brought to RAS with nibabel (no resampling), so the figure reads like the others.
+    """
+    import nibabel as nib
+
+    from brats_psp.data.transforms import load_case_arrays
+    from brats_psp.labels import release_to_tissue
+
+    (case,) = discover_cases(case_dir, layout).cases[:1]
+    image, _, ref = load_case_arrays(case, with_label=False)
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(ref.affine), nib.orientations.axcodes2ornt("RAS"))
+    image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
+    pred_img = nib.load(str(prediction))
+    pred = nib.orientations.apply_orientation(np.asarray(pred_img.dataobj), ornt)
+    tissue = release_to_tissue(pred, case.layout)
+    z = int(np.argmax((tissue > 0).sum(axis=(0, 1)))) if tissue.any() else image.shape[-1] // 2
+    fig, axes = plt.subplots(1, len(MODALITIES) + 1, figsize=(2.6 * (len(MODALITIES) + 1), 3.0))
+    for ax, (c, modality) in zip(axes, enumerate(MODALITIES)):
+        show_slice(ax, image[c, :, :, z], title=f"{MODALITY_TITLES[modality]}, z={z}")
+    show_slice(axes[-1], image[MODALITIES.index("flair"), :, :, z], tissue[:, :, z], title="prediction: NCR red, ED green, ET yellow")
+    fig.suptitle(case.case_id, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)

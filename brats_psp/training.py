@@ -306,7 +306,8 @@ def train(
         model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
     tracker = RunTracker(cfg, enabled=runtime.is_main)
-    run_id = tracker.start(run_id=run_id) if runtime.is_main else None
+    default_name = f"{cfg.model.name}-r{cfg.model.depth}w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.start(run_id=run_id, run_name=cfg.tracking.run_name or default_name) if runtime.is_main else None
     run_name = run_id or f"offline-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, run_name = _broadcast((run_id, run_name), runtime)
     run_dir = Path(cfg.train.output_dir) / run_name

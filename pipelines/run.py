@@ -35,7 +35,7 @@ def stage(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable
 
 
 def _config(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
+    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 
 def _report_failures(failures: Sequence[CaseError], what: str) -> int:
@@ -85,7 +85,7 @@ def show_data(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     from brats_psp.training import train as train_stage
 
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    cfg = _config(args)
     result = train_stage(cfg, data=args.data, resume=args.resume)
     print(f"run_id: {result.run_id}")
     print(f"model: {result.best_checkpoint}")
@@ -132,6 +132,15 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@stage("show-prediction")
+def show_prediction(args: argparse.Namespace) -> int:
+    from brats_psp.plots import plot_prediction
+
+    plot_prediction(args.case, args.pred, args.out)
+    log.info("wrote %s", args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -140,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str, config: bool = True, overrides: bool | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config:
-            p.add_argument("--config", help="YAML config (default: the built-in defaults; see configs/)")
+            p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
         if config if overrides is None else overrides:
             p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.epochs=6")
         return p
@@ -159,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--cases", type=int, default=3, help="number of cases to show")
+    p = add("show-prediction", "figure of one case with a predicted segmentation on FLAIR", config=False)
+    p.add_argument("--case", required=True, help="the case folder")
+    p.add_argument("--pred", required=True, help="its <case>.nii.gz from infer")
+    p.add_argument("--out", required=True, help="PNG file to write")
+
     p = add("train", "train a PSPNet on BraTS slices, tracked in MLflow (default config: configs/default.yaml)")
     p.add_argument("--data", help="dataset folder or datalist (default: data.root, else the built-in synthetic set)")
     p.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT", help="continue a run from its last checkpoint")

@@ -34,6 +34,12 @@ def test_every_shipped_config_resolves(path: Path) -> None:
     assert cfg.data.in_channels == 4 * (2 * cfg.data.context_slices + 1)
 
 
+def test_default_yaml_lists_exactly_the_code_defaults() -> None:
+    body = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert config_to_dict(load_config(CONFIGS / "default.yaml")) == config_to_dict(Config())
+    assert {s: set(v) for s, v in body.items()} == {s: set(v) for s, v in config_to_dict(Config()).items()}
+
+
 def test_smoke_overrides_default() -> None:
     default = load_config(CONFIGS / "default.yaml")
     smoke = load_config(CONFIGS / "smoke.yaml")
