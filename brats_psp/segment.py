@@ -156,7 +156,7 @@ def segment_case(
 
 
 def segment_cases(
-    model: str,
+    model: str | LoadedModel,
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfg: InferConfig | None = None,
@@ -166,9 +166,10 @@ def segment_cases(
 ) -> SegmentResult:
     """Segment every case under ``input_path`` with ``model`` into ``out_dir``.
 
-    ``cfg`` defaults to the ``infer`` section the model was trained with.
+    ``model`` is anything :func:`load_model` takes, or a model it already loaded; ``cfg``
+    defaults to the ``infer`` section the model was trained with.
     """
-    loaded = load_model(model, tracking_uri)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
     cfg = cfg or loaded.config.infer
     runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, loaded.config.train.threads)
     loaded.network.to(runtime.device)
@@ -190,7 +191,7 @@ def segment_cases(
     write_json(
         out_dir / "inference.json",
         {
-            "model": str(model), "checkpoint": str(loaded.checkpoint), "run_id": loaded.run_id,
+            "model": str(model if isinstance(model, str) else loaded.checkpoint), "checkpoint": str(loaded.checkpoint), "run_id": loaded.run_id,
             "infer": dataclasses.asdict(cfg), "seconds_per_case": result.seconds, "failed": [str(f) for f in result.failures],
         },
     )

@@ -15,6 +15,7 @@ talks to MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -382,8 +383,6 @@ def train(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
         if runtime.is_main:
-            if not best_path.exists():
-                save_checkpoint(best_path, load_checkpoint(last_path))
             plot_learning_curves(history, run_dir / "learning_curves.png")
             write_json(run_dir / "history.json", history)
             for artifact in ("learning_curves.png", "val_overlay.png", "history.json"):
@@ -405,8 +404,6 @@ def train(
 
 
 def _read_summary(cache: Path) -> dict[str, Any]:
-    import json
-
     try:
         return json.loads((cache / "summary.json").read_text())
     except (OSError, ValueError):

@@ -100,8 +100,9 @@ def infer(args: argparse.Namespace) -> int:
     not_infer = [o for o in args.overrides if not o.startswith("infer.")]
     if not_infer:
         raise ConfigError(f"infer takes only infer.* overrides (the rest comes from the model), got {not_infer}")
-    cfg = apply_overrides(load_model(args.model, args.tracking_uri).config, args.overrides)
-    result = segment_cases(args.model, args.input, args.output, cfg.infer, layout=args.layout, tracking_uri=args.tracking_uri)
+    loaded = load_model(args.model, args.tracking_uri)
+    cfg = apply_overrides(loaded.config, args.overrides)
+    result = segment_cases(loaded, args.input, args.output, cfg.infer, layout=args.layout)
     log.info("wrote %d segmentation(s) to %s", len(result.written), args.output)
     return _report_failures(result.failures, "inference")
 
