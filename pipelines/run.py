@@ -142,6 +142,17 @@ def show_prediction(args: argparse.Namespace) -> int:
     return 0
 
 
+@stage("export")
+def export(args: argparse.Namespace) -> int:
+    from brats_psp.export import check_onnx, export_onnx
+    from brats_psp.segment import load_model
+
+    loaded = load_model(args.model, args.tracking_uri)
+    path = export_onnx(loaded, args.out, args.tile)
+    log.info("onnxruntime vs PyTorch on a random batch: max |difference| = %.2e", check_onnx(loaded, path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -192,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", help="force the reference layout")
     p.add_argument("--pred-labels", choices=["brats2021", "brats2023", "msd"], help="label convention of the predictions (default: the reference's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
+    p = add("export", "export the network to ONNX at a fixed tile size with a dynamic batch", config=False)
+    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="tile size (default: the model's infer.roi_size)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
+
     p = add("compare", "compare MLflow runs: differing params, final and best metrics, validation curves", config=False)
     p.add_argument("--experiment", default="brats_psp", help="MLflow experiment (default brats_psp)")
     p.add_argument("--metric", default="val/dice_mean", help="metric to sort by (default val/dice_mean)")

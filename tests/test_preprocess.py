@@ -130,3 +130,14 @@ def test_real_case_through_the_transforms() -> None:
     for c in range(4):
         inside = image[c][image[c] != 0]
         assert abs(float(inside.mean())) < 1e-3 and abs(float(inside.std()) - 1) < 1e-3
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    from brats_psp.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -93,3 +93,16 @@ def test_postprocess_small_et_and_small_components() -> None:
     assert out[15, 15, 15] == 0 and (out == Tissue.ED).sum() == (t == Tissue.ED).sum() - 1
     keep = load_config(None, ["infer.small_et_voxels=5"]).infer
     assert (postprocess(t.copy(), keep) == Tissue.ET).sum() == 8
+
+
+def test_onnx_export_matches_pytorch(checkpoint: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from brats_psp.export import check_onnx, export_onnx
+
+    path = export_onnx(str(checkpoint), tmp_path / "model.onnx", tile=(48, 40))
+    graph = onnx.load(str(path)).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [4, 48, 40] and dims[0].dim_param  # dynamic batch, fixed tile
+    assert check_onnx(str(checkpoint), path, batch=3) < 1e-4
+    assert not list(tmp_path.glob(".model.onnx*"))
