@@ -119,6 +119,21 @@ class RunTracker:
         values = {k: float(v) for k, v in metrics.items()}
         self._call("log_metrics", lambda: mlflow.log_metrics(values, step=step), {"metrics": values, "step": step})
 
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """Log the epochs of ``history`` that the run lacks (a kill between checkpoint and logging)."""
+        if not self.enabled or self.run_id is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        try:
+            logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, "train/loss")}
+        except Exception as err:
+            log.warning("cannot read the run's metric history (%s); not backfilling", err)
+            return
+        for entry in history:
+            if int(entry["epoch"]) not in logged:
+                self.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if not self.enabled:
             return

@@ -336,6 +336,7 @@ def train(
                 },
             )
             tracker.log_artifact(run_dir / "config.yaml")
+            tracker.backfill(history)  # a resumed run gets the epochs a kill kept from MLflow
             log.info(
                 "run %s: %d train / %d val cases, %d slices per epoch, %s, %d parameters",
                 run_id, len(train_dirs), len(val_dirs), cfg.train.slices_per_epoch, runtime.describe(), count_parameters(model),

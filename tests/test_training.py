@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint
+from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint, save_checkpoint
 from brats_psp.config import Config, load_config
 from brats_psp.training import train
 from tests.conftest import REPO, write_case
@@ -99,6 +99,25 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(tiny_data: Pa
     b = load_checkpoint(resumed.last_checkpoint)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_resume_backfills_epochs_missing_from_mlflow(tiny_data: Path, tmp_path: Path) -> None:
+    """A kill between writing last.pt and logging the epoch's metrics loses no MLflow step."""
+    cfg = smoke_config(tmp_path, "train.epochs=2")
+
+    def crash(epoch: int, metrics: dict[str, float]) -> None:
+        raise Crash("after the checkpoint")
+
+    with pytest.raises(Crash):
+        train(cfg, data=tiny_data, progress=False, on_epoch_end=crash)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    last = next((tmp_path / "outputs").glob("*/checkpoints/last.pt"))
+    # MLflow cannot delete a metric step, so point the checkpoint at a run that never saw epoch 0:
+    # the state a kill between save_checkpoint and log_metrics leaves behind
+    fresh = client.create_run(client.get_experiment_by_name("brats_psp").experiment_id)
+    save_checkpoint(last, {**load_checkpoint(last), "run_id": fresh.info.run_id})
+    train(cfg, resume=str(last), progress=False)
+    assert [m.step for m in client.get_metric_history(fresh.info.run_id, "train/loss")] == [0, 1]
 
 
 def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path) -> None:
