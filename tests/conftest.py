@@ -74,6 +74,13 @@ def write_case(
     return {"image": image, "tissue": tissue, "paths": paths}
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder: MLflow's relative artifact store (./mlruns), caches
+    and outputs never land in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 CASE_IDS = {
     "brats2021": ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"],
     "brats2023": ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"],
