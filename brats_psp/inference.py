@@ -21,7 +21,7 @@ from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
 
-__all__ = ["RegionProbabilities", "add_context", "predict_volume", "probabilities_to_tissue"]
+__all__ = ["PLANE_AXES", "RegionProbabilities", "add_context", "predict_volume", "probabilities_to_tissue"]
 
 
 class RegionProbabilities(nn.Module):
@@ -36,16 +36,21 @@ class RegionProbabilities(nn.Module):
         return region_probabilities(self.net(x).masks.float(), self.output)
 
 
-def add_context(image: torch.Tensor, context: int) -> torch.Tensor:
-    """C × X × Y × Z -> C·(2k+1) × X × Y × Z: each axial slice with ``k`` neighbours each side.
+#: Slice axis (spatial, of a RAS volume X × Y × Z) of each plane.
+PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def add_context(image: torch.Tensor, context: int, axis: int = 2) -> torch.Tensor:
+    """C × X × Y × Z -> C·(2k+1) × X × Y × Z: each slice along spatial ``axis`` with ``k`` neighbours each side.
 
     The channel order matches :meth:`brats_psp.data.slices.CachedVolume.slab` (neighbour-major,
     edges repeated).
     """
     if context == 0:
         return image
-    z = image.shape[-1]
-    shifted = [image.index_select(-1, torch.clamp(torch.arange(z) + o, 0, z - 1).to(image.device)) for o in range(-context, context + 1)]
+    dim = axis + 1
+    n = image.shape[dim]
+    shifted = [image.index_select(dim, torch.clamp(torch.arange(n) + o, 0, n - 1).to(image.device)) for o in range(-context, context + 1)]
     return torch.cat(shifted, dim=0)
 
 
@@ -57,12 +62,16 @@ def predict_volume(
     output: str = "sigmoid",
     context: int = 0,
 ) -> torch.Tensor:
-    """Region probabilities of a preprocessed volume.
+    """Region probabilities of a preprocessed volume, averaged over ``cfg.planes`` and flips.
+
+    ``infer.planes=[axial, coronal, sagittal]`` is the tri-planar ensemble: the same 2D network
+    slides over the slices of each plane; it helps a model trained on all three planes, not
+    one trained on axial slices only (training samples axial slices for now).
 
     Args:
         model: a network returning :class:`~brats_psp.networks.PSPNetOutput` (in eval mode).
         image: float C × X × Y × Z (C = 4 contrasts), z-scored, RAS, axial slices along Z.
-        cfg: window size, overlap, blending, batch size and flip TTA.
+        cfg: window size, overlap, blending, batch size, flip TTA and planes.
         runtime: device and autocast dtype.
         output: the network's output mode.
         context: 2.5D neighbours the network was trained with.
@@ -71,27 +80,31 @@ def predict_volume(
         float32 3 × X × Y × Z probabilities of WT, TC, ET (on CPU).
     """
     wrapper = RegionProbabilities(model, output).eval()
-    inferer = SliceInferer(
-        roi_size=tuple(cfg.roi_size),
-        sw_batch_size=cfg.batch_size,
-        spatial_dim=2,
-        overlap=cfg.overlap,
-        mode=cfg.blend,
-        padding_mode="constant",
-        cval=0.0,
-        progress=False,
-    )
-    x = add_context(image.float(), context)[None].to(runtime.device)
-    flips: Sequence[tuple[int, ...]] = [()] + ([(2,), (3,), (2, 3)] if cfg.tta else [])
-    total = None
+    total, count = None, 0
     with torch.inference_mode(), autocast(runtime):
-        for dims in flips:
-            xi = torch.flip(x, dims) if dims else x
-            probs = inferer(xi, wrapper).float()
-            probs = torch.flip(probs, dims) if dims else probs
-            total = probs if total is None else total + probs
+        for plane in cfg.planes:
+            axis = PLANE_AXES[plane]
+            inferer = SliceInferer(
+                roi_size=tuple(cfg.roi_size),
+                sw_batch_size=cfg.batch_size,
+                spatial_dim=axis,
+                overlap=cfg.overlap,
+                mode=cfg.blend,
+                padding_mode="constant",
+                cval=0.0,
+                progress=False,
+            )
+            x = add_context(image.float(), context, axis)[None].to(runtime.device)
+            in_plane = [d + 2 for d in range(3) if d != axis]  # the two axes of each 2D slice
+            flips: Sequence[tuple[int, ...]] = [()] + ([(in_plane[0],), (in_plane[1],), tuple(in_plane)] if cfg.tta else [])
+            for dims in flips:
+                xi = torch.flip(x, dims) if dims else x
+                probs = inferer(xi, wrapper).float()
+                probs = torch.flip(probs, dims) if dims else probs
+                total = probs if total is None else total + probs
+                count += 1
     assert total is not None
-    return (total / len(flips))[0].cpu()
+    return (total / count)[0].cpu()
 
 
 def probabilities_to_tissue(probs: torch.Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray:

@@ -106,3 +106,30 @@ def test_onnx_export_matches_pytorch(checkpoint: Path, tmp_path: Path) -> None:
     assert [d.dim_value for d in dims[1:]] == [4, 48, 40] and dims[0].dim_param  # dynamic batch, fixed tile
     assert check_onnx(str(checkpoint), path, batch=3) < 1e-4
     assert not list(tmp_path.glob(".model.onnx*"))
+
+
+@pytest.mark.parametrize("planes", [["axial"], ["axial", "coronal", "sagittal"]])
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_volume_shapes_with_tta_and_planes(checkpoint: Path, planes: list[str], tta: bool) -> None:
+    from brats_psp.inference import predict_volume
+    from brats_psp.runtime import setup_runtime
+    from brats_psp.segment import load_model
+
+    loaded = load_model(str(checkpoint))
+    cfg = load_config(None, [f"infer.planes={planes}".replace("'", ""), f"infer.tta={str(tta).lower()}", "infer.roi_size=[32,32]"]).infer
+    image = torch.randn(4, 23, 30, 17)
+    probs = predict_volume(loaded.network, image, cfg, setup_runtime("cpu", "fp32"))
+    assert probs.shape == (3, 23, 30, 17) and float(probs.min()) >= 0 and float(probs.max()) <= 1
+
+
+def test_context_along_any_axis() -> None:
+    from brats_psp.inference import add_context
+
+    image = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    for axis in range(3):
+        out = add_context(image, 1, axis)
+        assert out.shape == (6, 3, 4, 5)
+        torch.testing.assert_close(out[2:4], image)  # the centre slice sits in the middle channels
+        first = [slice(None)] * 4
+        first[axis + 1] = 0
+        torch.testing.assert_close(out[0:2][tuple(first)], image[tuple(first)])  # edge repeated
