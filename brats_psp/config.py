@@ -59,6 +59,7 @@ class DataConfig:
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])  # mm, (x, y, z) after resampling
     slice_size: list[int] = field(default_factory=lambda: [128, 128])  # training slice H x W (pad / crop)
     context_slices: int = 0  # 2.5D: k neighbours on each side, 4 * (2k + 1) input channels
+    planes: list[str] = field(default_factory=lambda: ["axial"])  # slice directions for training
     tumour_ratio: float = 0.5  # fraction of sampled slices that contain tumour
     folds: int = 5
     fold: int = 0
@@ -76,6 +77,7 @@ class DataConfig:
         _check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", self.spacing, "3 positive numbers (mm)")
         _check(len(self.slice_size) == 2 and all(s >= 16 for s in self.slice_size), "data.slice_size", self.slice_size, "2 integers >= 16")
         _check(self.context_slices >= 0, "data.context_slices", self.context_slices, ">= 0")
+        _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "data.planes", self.planes, "a subset of axial, coronal, sagittal")
         _check(0.0 <= self.tumour_ratio <= 1.0, "data.tumour_ratio", self.tumour_ratio, "in [0, 1]")
         _check(self.folds >= 2, "data.folds", self.folds, ">= 2")
         _check(0 <= self.fold < self.folds, "data.fold", self.fold, f"in [0, {self.folds - 1}]")

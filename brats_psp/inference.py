@@ -17,6 +17,7 @@ from monai.inferers import SliceInferer
 from torch import nn
 
 from brats_psp.config import InferConfig
+from brats_psp.data.slices import PLANE_AXES
 from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
@@ -36,8 +37,6 @@ class RegionProbabilities(nn.Module):
         return region_probabilities(self.net(x).masks.float(), self.output)
 
 
-#: Slice axis (spatial, of a RAS volume X × Y × Z) of each plane.
-PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
 def add_context(image: torch.Tensor, context: int, axis: int = 2) -> torch.Tensor:

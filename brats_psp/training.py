@@ -269,7 +269,7 @@ def train(
     if not train_dirs or not val_dirs:
         raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
     train_transform = slice_transforms(cfg.data, train=True)
-    dataset = SliceDataset(train_dirs, cfg.data.context_slices, train_transform)
+    dataset = SliceDataset(train_dirs, cfg.data.context_slices, train_transform, cfg.data.planes)
     sampler = TumourRatioSampler(
         dataset.has_tumour, cfg.train.slices_per_epoch, cfg.data.tumour_ratio, cfg.train.seed, runtime.rank, runtime.world_size
     )

@@ -11,7 +11,7 @@ import torch
 from brats_psp.config import DataConfig
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.data.slices import SliceDataset, TumourRatioSampler, slice_transforms, split_cases
-from brats_psp.labels import REGION_NAMES, Tissue
+from brats_psp.labels import REGION_NAMES, Tissue, tissue_to_regions
 
 
 @pytest.fixture
@@ -104,3 +104,25 @@ def test_sampler_refuses_bad_arguments() -> None:
 
 def test_region_names_order() -> None:
     assert REGION_NAMES == ("WT", "TC", "ET") and Tissue.ET == 3
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_slices_of_every_plane_match_what_inference_sees(cache: Path, plane: str) -> None:
+    """Training slices (and 2.5D context) along each plane are the slices SliceInferer cuts."""
+    from brats_psp.data.slices import PLANE_AXES
+    from brats_psp.inference import add_context
+
+    train, _ = split_cases(cache, fold=0)
+    ds = SliceDataset(train[:1], context_slices=1, planes=[plane])
+    vol = ds.volumes[0]
+    volume = torch.from_numpy(np.asarray(vol.image, dtype=np.float32)).permute(1, 2, 3, 0)  # (4, X, Y, Z)
+    tissue = torch.from_numpy(np.asarray(vol.label)).permute(1, 2, 0)  # (X, Y, Z)
+    axis = PLANE_AXES[plane]
+    assert len(ds) == volume.shape[axis + 1]
+    with_context = add_context(volume, 1, axis)
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        s = ds[i]
+        torch.testing.assert_close(s["image"], with_context.select(axis + 1, i))
+        regions = torch.from_numpy(tissue_to_regions(tissue.select(axis, i).numpy()).astype(np.float32))
+        torch.testing.assert_close(s["label"], regions)
+        assert s["presence"].tolist() == ds.presence[i].astype(float).tolist()

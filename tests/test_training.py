@@ -120,6 +120,15 @@ def test_resume_backfills_epochs_missing_from_mlflow(tiny_data: Path, tmp_path: 
     assert [m.step for m in client.get_metric_history(fresh.info.run_id, "train/loss")] == [0, 1]
 
 
+def test_tri_planar_training_and_validation(tiny_data: Path, tmp_path: Path) -> None:
+    planes = "[axial,coronal,sagittal]"
+    cfg = smoke_config(tmp_path, "train.epochs=1", f"data.planes={planes}", f"infer.planes={planes}")
+    result = train(cfg, data=tiny_data, progress=False)
+    (entry,) = result.history
+    assert 0.0 <= entry["val/dice_mean"] <= 1.0 and entry["train/loss"] > 0
+    assert config_of(load_checkpoint(result.best_checkpoint)).data.planes == ["axial", "coronal", "sagittal"]
+
+
 def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path) -> None:
     class Payload:
         def __reduce__(self):

@@ -37,7 +37,10 @@ from monai.transforms import (
 from torch.utils.data import Dataset, Sampler
 
 from brats_psp.config import DataConfig
-from brats_psp.labels import REGION_NAMES, tissue_to_regions
+
+#: Slice axis (spatial, of a RAS volume X × Y × Z) of each plane; shared with inference.
+PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+from brats_psp.labels import REGION_NAMES, region_presence, tissue_to_regions
 
 __all__ = ["CachedVolume", "SliceDataset", "TumourRatioSampler", "slice_transforms", "read_datalist", "split_cases"]
 
@@ -109,11 +112,36 @@ class CachedVolume:
         """uint8 (Z, 3): which regions each axial slice contains."""
         return np.asarray(self.meta["presence"], dtype=np.uint8).reshape(self.num_slices, len(REGION_NAMES))
 
-    def slab(self, z: int, context: int) -> np.ndarray:
-        """float32 (4·(2k+1), X, Y): slice ``z`` with ``context`` neighbours each side (edges repeated)."""
-        idx = np.clip(np.arange(z - context, z + context + 1), 0, self.num_slices - 1)
-        slab = self.image[idx] if context else self.image[z : z + 1]
-        return np.asarray(slab, dtype=np.float32).reshape(-1, *slab.shape[2:])
+    def length(self, axis: int) -> int:
+        """Number of slices along spatial ``axis`` (0 sagittal X, 1 coronal Y, 2 axial Z)."""
+        x, y, z = self.meta["shape"]
+        return (x, y, z)[axis]
+
+    def slab(self, i: int, context: int, axis: int = 2) -> np.ndarray:
+        """float32 (4·(2k+1), A, B): slice ``i`` along spatial ``axis`` with ``context`` neighbours
+        each side (edges repeated); (A, B) are the other two axes in X, Y, Z order, as
+        :class:`~monai.inferers.SliceInferer` cuts them."""
+        idx = np.clip(np.arange(i - context, i + context + 1), 0, self.length(axis) - 1)
+        if axis == 2:  # axial: contiguous rows of the (Z, C, X, Y) cache
+            slab = np.asarray(self.image[idx] if context else self.image[i : i + 1], dtype=np.float32)
+        elif axis == 1:  # coronal: (Z, C, X, k) -> (k, C, X, Z)
+            slab = np.asarray(self.image[:, :, :, idx], dtype=np.float32).transpose(3, 1, 2, 0)
+        else:  # sagittal: (Z, C, k, Y) -> (k, C, Y, Z)
+            slab = np.asarray(self.image[:, :, idx, :], dtype=np.float32).transpose(2, 1, 3, 0)
+        return np.ascontiguousarray(slab).reshape(-1, *slab.shape[2:])
+
+    def label_slice(self, i: int, axis: int = 2) -> np.ndarray:
+        """uint8 (A, B) tissue codes of slice ``i`` along spatial ``axis``."""
+        if axis == 2:
+            return np.asarray(self.label[i])
+        return np.asarray(self.label[:, :, i] if axis == 1 else self.label[:, i, :]).T
+
+    def presence_along(self, axis: int) -> np.ndarray:
+        """uint8 (N, 3): which regions each slice along ``axis`` contains."""
+        if axis == 2:
+            return self.presence
+        regions = tissue_to_regions(np.asarray(self.label).transpose(1, 2, 0))  # (3, X, Y, Z)
+        return region_presence(regions, axis=axis)
 
 
 def slice_transforms(cfg: DataConfig, train: bool) -> Compose:
@@ -153,16 +181,26 @@ def slice_transforms(cfg: DataConfig, train: bool) -> Compose:
 
 
 class SliceDataset(Dataset):
-    """Axial slices of preprocessed cases, indexed flat over (case, z)."""
+    """2D slices of preprocessed cases, indexed flat over (case, plane, slice).
 
-    def __init__(self, case_dirs: Sequence[str | Path], context_slices: int = 0, transform: Compose | None = None) -> None:
+    ``planes`` chooses the slice directions (axial by default; all three for a tri-planar model).
+    """
+
+    def __init__(
+        self,
+        case_dirs: Sequence[str | Path],
+        context_slices: int = 0,
+        transform: Compose | None = None,
+        planes: Sequence[str] = ("axial",),
+    ) -> None:
         self.volumes = [CachedVolume(d) for d in case_dirs]
         self.context = context_slices
         self.transform = transform
-        self.index = np.array([(v, z) for v, vol in enumerate(self.volumes) for z in range(vol.num_slices)], dtype=np.int64).reshape(-1, 2)
-        self.presence = (
-            np.concatenate([vol.presence for vol in self.volumes]) if self.volumes else np.zeros((0, len(REGION_NAMES)), np.uint8)
-        )
+        self.axes = [PLANE_AXES[p] for p in planes]
+        rows = [(v, a, i) for v, vol in enumerate(self.volumes) for a in self.axes for i in range(vol.length(a))]
+        self.index = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        parts = [vol.presence_along(a) for vol in self.volumes for a in self.axes]
+        self.presence = np.concatenate(parts) if parts else np.zeros((0, len(REGION_NAMES)), np.uint8)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -173,11 +211,11 @@ class SliceDataset(Dataset):
         return self.presence[:, REGION_NAMES.index("WT")].astype(bool)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        v, z = (int(x) for x in self.index[i])
+        v, axis, z = (int(x) for x in self.index[i])
         vol = self.volumes[v]
         sample = {
-            "image": torch.from_numpy(vol.slab(z, self.context)),
-            "label": torch.from_numpy(tissue_to_regions(np.asarray(vol.label[z])).astype(np.float32)),
+            "image": torch.from_numpy(vol.slab(z, self.context, axis)),
+            "label": torch.from_numpy(tissue_to_regions(vol.label_slice(z, axis)).astype(np.float32)),
         }
         if self.transform is not None:
             with _plain_tensors():
@@ -190,6 +228,7 @@ class SliceDataset(Dataset):
             "presence": label.flatten(1).amax(dim=1).as_subclass(torch.Tensor),
             "case_id": vol.case_id,
             "z": z,
+            "axis": axis,
         }
 
 
