@@ -21,3 +21,10 @@ class CaseError(Exception):
 
 class DiscoveryError(ValueError):
     """A folder or datalist holds no usable case, or an ambiguous mix of layouts."""
+
+
+def check_case_id(case_id: str) -> str:
+    """Return ``case_id`` if it is a plain file name; a CaseError if it would leave an output folder."""
+    if not case_id or case_id in {".", ".."} or "/" in case_id or "\\" in case_id or case_id.startswith("."):
+        raise CaseError(case_id, None, "case id is not a plain file name; refusing to write outside the output folder")
+    return case_id

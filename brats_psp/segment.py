@@ -33,7 +33,7 @@ from brats_psp.checkpoint import CheckpointError, build_model_from_checkpoint, c
 from brats_psp.config import Config, InferConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, volume_transforms
-from brats_psp.errors import CaseError
+from brats_psp.errors import CaseError, check_case_id
 from brats_psp.inference import predict_volume
 from brats_psp.io import save_nifti, write_json
 from brats_psp.labels import Tissue, regions_to_tissue, tissue_to_release
@@ -125,16 +125,13 @@ def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.nda
     return np.asarray(back.detach().cpu().numpy() if hasattr(back, "detach") else back)
 
 
-def segment_case(
-    case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime, labels: str | None = None
-) -> Path:
+def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime) -> Path:
     """Segment one case and write ``out_dir/<case_id>.nii.gz``; return its path.
 
     Raises:
         CaseError: the case's files are unusable (named in the message).
     """
-    if "/" in case.case_id or case.case_id.startswith("."):
-        raise CaseError(case.case_id, None, "case id is not a plain file name; refusing to write outside the output folder")
+    check_case_id(case.case_id)
     train_cfg = loaded.config
     chain = volume_transforms(train_cfg.data.spacing, with_label=False)
     data = apply_transforms(chain, {"case": case})
@@ -144,7 +141,7 @@ def segment_case(
     ref = nib.load(str(case.images[0]))  # the input's grid: shape, affine and header of the output
     tissue = regions_to_tissue(probs_in > cfg.threshold)
     tissue = postprocess(tissue, cfg)
-    release = case.layout if (labels or cfg.labels) == "input" else (labels or cfg.labels)
+    release = case.layout if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)
     out = out_dir / f"{case.case_id}.nii.gz"
     header = ref.header.copy() if isinstance(ref, nib.Nifti1Image) and len(ref.shape) == 3 else None

@@ -135,3 +135,12 @@ def test_one_bad_case_does_not_stop_the_others(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "cache" / "cases").iterdir()) == ["BraTS2021_00000", "BraTS2021_00003"]
     summary = json.loads((tmp_path / "cache" / "summary.json").read_text())
     assert len(summary["failed"]) == 2 and summary["cases"] == 2
+
+
+@pytest.mark.parametrize("case_id", ["../evil", "/etc/passwd", "..", ".hidden", "a\\b", ""])
+def test_case_ids_that_would_leave_the_output_folder_are_refused(case_id: str) -> None:
+    from brats_psp.errors import check_case_id
+
+    with pytest.raises(CaseError, match="not a plain file name"):
+        check_case_id(case_id)
+    assert check_case_id("BraTS2021_00000") == "BraTS2021_00000"

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from brats_psp.config import DataConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, preprocessing_params, volume_transforms
-from brats_psp.errors import CaseError
+from brats_psp.errors import CaseError, check_case_id
 from brats_psp.io import save_npy, write_json
 from brats_psp.labels import REGION_NAMES, region_presence, tissue_to_regions
 
@@ -59,9 +59,7 @@ class PreprocessResult:
 
 def safe_case_dir(root: Path, case_id: str) -> Path:
     """``root/cases/<case_id>``, refusing ids that would leave ``root/cases``."""
-    if not case_id or case_id in {".", ".."} or "/" in case_id or "\\" in case_id or case_id.startswith("."):
-        raise CaseError(case_id, None, "case id is not a plain folder name; refusing to write outside the cache")
-    return root / "cases" / case_id
+    return root / "cases" / check_case_id(case_id)
 
 
 def _sha1(path: Path) -> str:
