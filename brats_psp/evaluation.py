@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from brats_psp.data.discovery import Case, discover_cases
+from brats_psp.data.transforms import read_nifti
 from brats_psp.errors import CaseError
 from brats_psp.io import write_json, write_text
 from brats_psp.labels import REGION_NAMES, LabelValueError, release_to_regions
@@ -45,11 +46,7 @@ class EvaluationResult:
 
 
 def _read_label(case_id: str, path: Path, release: str) -> tuple[np.ndarray, nib.Nifti1Image]:
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except Exception as err:
-        raise CaseError(case_id, path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    img, data = read_nifti(case_id, path)
     try:
         return release_to_regions(data, release), img
     except LabelValueError as err:

@@ -1,7 +1,7 @@
 """Slice-wise sliding-window prediction of whole volumes, shared by validation and the infer stage.
 
 :func:`predict_volume` takes a preprocessed volume (C × X × Y × Z, axial slices along Z),
-runs the 2D network over every axial slice with MONAI's :class:`~monai.inferers.SliceInferer`
+runs the 2D network over every slice of ``infer.planes`` (axial by default) with MONAI's :class:`~monai.inferers.SliceInferer`
 (windows of ``infer.roi_size`` in-plane, ``infer.overlap``, ``infer.blend``, slices batched
 ``infer.batch_size`` at a time) and returns region probabilities (3 × X × Y × Z, WT/TC/ET).
 :func:`probabilities_to_tissue` thresholds them into a tissue map with the BraTS nesting.
@@ -37,8 +37,6 @@ class RegionProbabilities(nn.Module):
         return region_probabilities(self.net(x).masks.float(), self.output)
 
 
-
-
 def add_context(image: torch.Tensor, context: int, axis: int = 2) -> torch.Tensor:
     """C × X × Y × Z -> C·(2k+1) × X × Y × Z: each slice along spatial ``axis`` with ``k`` neighbours each side.
 
@@ -64,8 +62,8 @@ def predict_volume(
     """Region probabilities of a preprocessed volume, averaged over ``cfg.planes`` and flips.
 
     ``infer.planes=[axial, coronal, sagittal]`` is the tri-planar ensemble: the same 2D network
-    slides over the slices of each plane; it helps a model trained on all three planes, not
-    one trained on axial slices only (training samples axial slices for now).
+    slides over the slices of each plane; it helps a model trained on all three planes
+    (``data.planes``), not one trained on axial slices only.
 
     Args:
         model: a network returning :class:`~brats_psp.networks.PSPNetOutput` (in eval mode).

@@ -34,9 +34,9 @@ from brats_psp.config import Config, InferConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
-from brats_psp.inference import predict_volume
+from brats_psp.inference import predict_volume, probabilities_to_tissue
 from brats_psp.io import save_nifti, write_json
-from brats_psp.labels import Tissue, regions_to_tissue, tissue_to_release
+from brats_psp.labels import Tissue, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
 __all__ = ["SegmentResult", "LoadedModel", "resolve_checkpoint", "load_model", "segment_case", "segment_cases", "postprocess"]
@@ -139,7 +139,7 @@ def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfi
     probs = predict_volume(loaded.network, image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
     probs_in = _to_input_grid(probs, image, chain)
     ref = nib.load(str(case.images[0]))  # the input's grid: shape, affine and header of the output
-    tissue = regions_to_tissue(probs_in > cfg.threshold)
+    tissue = probabilities_to_tissue(probs_in, cfg.threshold)
     tissue = postprocess(tissue, cfg)
     release = case.layout if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from brats_psp.checkpoint import load_checkpoint, save_checkpoint
+from brats_psp.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from brats_psp.config import Config, config_to_dict, save_config
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
@@ -391,9 +391,8 @@ def train(
                     tracker.log_artifact(run_dir / artifact)
             tracker.log_artifact(best_path, "checkpoints")
             if cfg.tracking.log_model:
-                best_model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
-                best_model.load_state_dict(load_checkpoint(best_path)["model"])
-                wrapped = RegionProbabilities(best_model.eval(), cfg.model.output)
+                best_model = build_model_from_checkpoint(load_checkpoint(best_path))
+                wrapped = RegionProbabilities(best_model, cfg.model.output)
                 example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
                 tracker.log_model(wrapped, example_input, cfg.tracking.register_name)
             tracker.log_metrics({"best/dice_mean": best, "best/epoch": best_epoch}, step=cfg.train.epochs - 1)

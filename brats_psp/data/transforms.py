@@ -42,6 +42,7 @@ __all__ = [
     "AXCODES",
     "LoadBratsCased",
     "load_case_arrays",
+    "read_nifti",
     "volume_transforms",
     "apply_transforms",
     "preprocessing_params",
@@ -58,7 +59,7 @@ _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 AFFINE_ATOL = 1e-3
 
 
-def _read(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+def read_nifti(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Read one NIfTI file as float32 (scaling applied), or raise a CaseError naming it."""
     if not path.is_file():
         raise CaseError(case_id, path, "file not found")
@@ -95,7 +96,7 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
     channels: list[np.ndarray] = []
     if layout.is_4d:
         (path,) = case.images
-        ref, data = _read(case.case_id, path)
+        ref, data = read_nifti(case.case_id, path)
         if data.ndim != 4 or data.shape[3] != len(layout.channel_order):
             raise CaseError(case.case_id, path, f"expected a 4D image with {len(layout.channel_order)} channels, got shape {data.shape}")
         _check_finite(case.case_id, path, data)
@@ -106,7 +107,7 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
         ref = None
         paths = list(case.images)
         for path in paths:
-            img, data = _read(case.case_id, path)
+            img, data = read_nifti(case.case_id, path)
             if data.ndim != 3:
                 raise CaseError(case.case_id, path, f"expected a 3D image, got shape {data.shape}")
             _check_finite(case.case_id, path, data)
@@ -127,7 +128,7 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
     image = np.stack(channels)
     tissue = None
     if with_label and case.label is not None:
-        _, label = _read(case.case_id, case.label)
+        _, label = read_nifti(case.case_id, case.label)
         if label.shape != image.shape[1:]:
             raise CaseError(case.case_id, case.label, f"label shape {label.shape} differs from image shape {image.shape[1:]}")
         try:
