@@ -41,6 +41,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+class OutputFolderError(PermissionError):
+    """An output folder cannot be created or written to (the message names the folder)."""
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and prove it is writable by creating (and removing) a file in it.
+
+    A real write, not ``os.access``: it also catches read-only mounts, and it is right for root,
+    whom permission bits do not stop.
+
+    Raises:
+        OutputFolderError: naming the folder and the reason, before any work is done.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=".write-check.", dir=path):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OutputFolderError(f"{what} {path} cannot be written ({reason}); nothing was written") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -35,7 +35,7 @@ from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
 from brats_psp.inference import predict_volume, probabilities_to_tissue
-from brats_psp.io import save_nifti, write_json
+from brats_psp.io import ensure_writable_dir, save_nifti, write_json
 from brats_psp.labels import Tissue, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
@@ -170,10 +170,7 @@ def segment_cases(
     cfg = cfg or loaded.config.infer
     runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, loaded.config.train.threads)
     loaded.network.to(runtime.device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f"{out_dir}: output folder is not writable")
+    out_dir = ensure_writable_dir(out_dir)
     found = discover_cases(input_path, layout)
     result = SegmentResult(failures=list(found.failures))
     for case in tqdm(found.cases, desc="infer", unit="case", disable=not progress):

@@ -10,13 +10,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from brats_psp.config import DataConfig, load_config
 from brats_psp.data.discovery import discover_cases
+from brats_psp.data.layouts import MODALITIES, get_layout
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.data.transforms import load_case_arrays
 from brats_psp.errors import CaseError, DiscoveryError
-from brats_psp.io import save_nifti
-from tests.conftest import BRATS_AFFINE, write_case
+from brats_psp.io import OutputFolderError, save_nifti
+from brats_psp.segment import segment_cases
+from tests.conftest import BRATS_AFFINE, REPO, small_volume, write_case
+from tests.test_segment import checkpoint  # noqa: F401  (fixture)
 
 CID = "BraTS2021_00007"
 
@@ -144,3 +149,256 @@ def test_case_ids_that_would_leave_the_output_folder_are_refused(case_id: str) -
     with pytest.raises(CaseError, match="not a plain file name"):
         check_case_id(case_id)
     assert check_case_id("BraTS2021_00000") == "BraTS2021_00000"
+
+
+# --------------------------------------------------------------------------- dimensionality, data types, empty brains
+
+CID_2023 = "BraTS-GLI-00007-000"
+
+
+def _refused(root: Path, tmp_path: Path, case_id: str, file_name: str, message: str, spacing=(1.0, 1.0, 1.0)) -> CaseError:
+    """Preprocessing reports the case with its file and problem, and writes no cache entry for it."""
+    result = preprocess_dataset(root, tmp_path / "cache", DataConfig(spacing=list(spacing)), progress=False)
+    assert not result.processed
+    (err,) = result.failures
+    text = str(err)
+    assert err.case_id == case_id and case_id in text and file_name in text and message in text, text
+    assert not (tmp_path / "cache" / "cases").exists() or not list((tmp_path / "cache" / "cases").iterdir())
+    return err
+
+
+@pytest.mark.parametrize(("layout", "cid"), [("brats2021", CID), ("brats2023", CID_2023)])
+@pytest.mark.parametrize("shape", [(40, 44), (40, 44, 24, 2)], ids=["2d", "4d"])
+def test_image_with_the_wrong_dimensionality(tmp_path: Path, layout: str, cid: str, shape: tuple[int, ...]) -> None:
+    paths = write_case(tmp_path / "raw", layout, cid)["paths"]
+    save_nifti(paths["t2"], np.ones(shape, np.int16), BRATS_AFFINE)
+    name = get_layout(layout).filename(cid, "t2")
+    _refused(tmp_path / "raw", tmp_path, cid, name, f"expected a 3D image, got shape {shape}")
+
+
+def test_msd_image_that_is_3d(tmp_path: Path) -> None:
+    paths = write_case(tmp_path / "raw", "msd", "BRATS_001")["paths"]
+    save_nifti(paths["image"], np.ones((40, 44, 24), np.int16), BRATS_AFFINE)
+    _refused(tmp_path / "raw", tmp_path, "BRATS_001", "BRATS_001.nii.gz", "expected a 4D image with 4 channels, got shape (40, 44, 24)")
+
+
+def test_4d_file_with_one_volume_loads_as_3d(tmp_path: Path) -> None:
+    written = write_case(tmp_path, "brats2021", CID)
+    save_nifti(written["paths"]["flair"], written["image"][3][..., None], BRATS_AFFINE)
+    image, _, _ = load_case_arrays(_only_case(tmp_path))
+    np.testing.assert_array_equal(image[3], written["image"][3])
+
+
+def _write_typed(path: Path, data: np.ndarray, dtype: str, slope: float = 1.0, inter: float = 0.0) -> None:
+    """Write ``data`` with on-disk type ``dtype``; with ``scaled`` the file holds int16 and scl_slope/scl_inter."""
+    on_disk = np.int16 if dtype == "scaled" else np.dtype(dtype)
+    img = nib.Nifti1Image(data.astype(on_disk), BRATS_AFFINE)
+    img.set_data_dtype(on_disk)
+    if dtype == "scaled":
+        img.header.set_slope_inter(slope, inter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64", "scaled"])
+def test_image_data_types_load_with_their_scaling(tmp_path: Path, dtype: str) -> None:
+    """Every on-disk type loads; scl_slope/scl_inter are applied; the result equals a float32 copy of the values."""
+    from brats_psp.labels import tissue_to_release
+
+    image, tissue = small_volume()
+    raw = image // 5 if dtype == "uint8" else image  # uint8 holds 0..255
+    # scaled: every contrast int16 with scl_slope 2.5; t1 also with scl_inter -10
+    slopes = {m: (2.5, -10.0 if m == "t1" else 0.0) if dtype == "scaled" else (1.0, 0.0) for m in MODALITIES}
+    lay = get_layout("brats2021")
+    for c, m in enumerate(MODALITIES):
+        _write_typed(tmp_path / "typed" / CID / lay.filename(CID, m), raw[c], dtype, *slopes[m])
+        values = raw[c].astype(np.float64) * slopes[m][0] + slopes[m][1]  # what the file means
+        _write_typed(tmp_path / "float" / CID / lay.filename(CID, m), values, "float32")
+    for root in ("typed", "float"):
+        save_nifti(tmp_path / root / CID / lay.filename(CID, "seg"), tissue_to_release(tissue, "brats2021"), BRATS_AFFINE, dtype=np.uint8)
+    if dtype == "scaled":
+        proxy = nib.load(str(tmp_path / "typed" / CID / lay.filename(CID, "t1"))).dataobj
+        assert (proxy.slope, proxy.inter) == (2.5, -10.0) and proxy.dtype == np.int16
+    typed, _, _ = load_case_arrays(_only_case(tmp_path / "typed"))
+    plain, _, _ = load_case_arrays(_only_case(tmp_path / "float"))
+    assert typed.dtype == np.float32
+    np.testing.assert_array_equal(typed, plain)
+    if dtype == "scaled":
+        np.testing.assert_array_equal(typed[0], raw[0] * np.float32(2.5) - 10)
+    a = preprocess_dataset(tmp_path / "typed", tmp_path / "cache_typed", DataConfig(spacing=[2.0, 2.0, 2.0]), progress=False)
+    b = preprocess_dataset(tmp_path / "float", tmp_path / "cache_float", DataConfig(spacing=[2.0, 2.0, 2.0]), progress=False)
+    assert a.processed == b.processed == [CID]
+    for name in ("image.npy", "label.npy"):
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "cache_typed" / "cases" / CID / name), np.load(tmp_path / "cache_float" / "cases" / CID / name)
+        )
+
+
+@pytest.mark.parametrize("seg_dtype", [np.uint8, np.int16, np.float32])
+def test_label_data_types(tmp_path: Path, seg_dtype: type) -> None:
+    written = write_case(tmp_path, "brats2021", CID)
+    seg = np.asarray(nib.load(written["paths"]["seg"]).dataobj)
+    save_nifti(written["paths"]["seg"], seg, BRATS_AFFINE, dtype=seg_dtype)
+    _, tissue, _ = load_case_arrays(_only_case(tmp_path))
+    np.testing.assert_array_equal(tissue, written["tissue"])
+
+
+def test_every_contrast_zero_is_an_empty_brain(tmp_path: Path) -> None:
+    paths = write_case(tmp_path / "raw", "brats2021", CID)["paths"]
+    for m in MODALITIES:
+        save_nifti(paths[m], np.zeros((40, 44, 24), np.int16), BRATS_AFFINE)
+    _refused(tmp_path / "raw", tmp_path, CID, f"{CID}_t1.nii.gz", "the t1 contrast is all zero (no brain)")
+
+
+def test_constant_contrast_is_an_empty_brain(tmp_path: Path) -> None:
+    """A constant image is non-zero everywhere: the crop would keep the whole box and z-scoring would zero it."""
+    paths = write_case(tmp_path / "raw", "brats2021", CID)["paths"]
+    for m in MODALITIES:
+        save_nifti(paths[m], np.full((40, 44, 24), 7, np.int16), BRATS_AFFINE)
+    _refused(tmp_path / "raw", tmp_path, CID, f"{CID}_t1.nii.gz", "the t1 contrast is constant (every voxel is 7): no brain to find")
+
+
+def test_msd_image_that_is_all_zero(tmp_path: Path) -> None:
+    paths = write_case(tmp_path / "raw", "msd", "BRATS_001")["paths"]
+    save_nifti(paths["image"], np.zeros((40, 44, 24, 4), np.int16), BRATS_AFFINE)
+    _refused(tmp_path / "raw", tmp_path, "BRATS_001", "BRATS_001.nii.gz", "the t1 contrast is all zero")
+
+
+def test_brain_that_resampling_wipes_out(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
+    """One bright voxel in each contrast: at 3 mm nothing is left, and the crop would be empty."""
+    paths = write_case(tmp_path / "raw", "brats2021", CID)["paths"]
+    for m in MODALITIES:
+        data = np.zeros((40, 44, 24), np.int16)
+        data[10, 10, 10] = 500
+        save_nifti(paths[m], data, BRATS_AFFINE)
+    _refused(tmp_path / "raw", tmp_path, CID, f"{CID}_t1.nii.gz", "no brain voxel left after resampling to [3.0, 3.0, 3.0] mm", spacing=(3, 3, 3))
+    # the infer stage says the same (the checkpoint resamples to 2 mm) and writes no segmentation
+    result = segment_cases(str(checkpoint), tmp_path / "raw", tmp_path / "pred", progress=False)
+    (err,) = result.failures
+    assert f"{CID}_t1.nii.gz" in str(err) and "no brain voxel left after resampling to [2.0, 2.0, 2.0] mm" in str(err)
+    assert not result.written and not list((tmp_path / "pred").glob("*.nii.gz"))
+
+
+# --------------------------------------------------------------------------- orientation
+
+@pytest.mark.parametrize("axcodes", ["LPS", "PLI", "RAS"])
+def test_unusual_orientation_preprocesses_to_the_same_ras_arrays(tmp_path: Path, axcodes: str) -> None:
+    """The same head stored LPS or PLI (axes flipped and permuted, the affine saying so) gives the same cache."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    from brats_psp.labels import tissue_to_release
+
+    image, tissue = small_volume()
+    ras = np.diag([1.0, 1.2, 1.5, 1.0])
+    ras[:3, 3] = [-20.0, -26.0, -18.0]
+    lay = get_layout("brats2021")
+    for name, codes in (("ras", "RAS"), ("other", axcodes)):
+        ornt = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(codes))
+        affine = ras @ inv_ornt_aff(ornt, tissue.shape)
+        folder = tmp_path / name / CID
+        for c, m in enumerate(MODALITIES):
+            save_nifti(folder / lay.filename(CID, m), apply_orientation(image[c], ornt), affine)
+        save_nifti(folder / lay.filename(CID, "seg"), apply_orientation(tissue_to_release(tissue, "brats2021"), ornt), affine, dtype=np.uint8)
+        assert "".join(nib.aff2axcodes(affine)) == codes
+        preprocess_dataset(tmp_path / name, tmp_path / f"cache_{name}", DataConfig(spacing=[1.5, 1.5, 1.5]), progress=False)
+    a, b = (tmp_path / f"cache_{n}" / "cases" / CID for n in ("ras", "other"))
+    for name in ("image.npy", "label.npy"):
+        np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
+    np.testing.assert_allclose(json.loads((a / "meta.json").read_text())["affine"], json.loads((b / "meta.json").read_text())["affine"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- output folders
+
+def _permission_bits_hold() -> bool:
+    """False for root (uid 0 with CAP_DAC_OVERRIDE writes into a 0o500 folder); true for other users,
+    and for root run with that capability dropped (``setpriv --bounding-set -dac_override -- ...``)."""
+    if os.geteuid() != 0:
+        return True
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o500)
+        try:
+            with open(os.path.join(tmp, "probe"), "w"):
+                return False
+        except PermissionError:
+            return True
+        finally:
+            os.chmod(tmp, 0o700)
+
+
+needs_non_root = pytest.mark.skipif(not _permission_bits_hold(), reason="root ignores permission bits")
+
+
+def _read_only_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    path.chmod(0o500)
+    return path
+
+
+@needs_non_root
+def test_preprocess_into_a_read_only_folder(tmp_path: Path) -> None:
+    write_case(tmp_path / "raw", "brats2021", CID)
+    out = _read_only_dir(tmp_path / "cache")
+    try:
+        with pytest.raises(OutputFolderError, match=rf"output folder {out} cannot be written \(Permission denied\)"):
+            preprocess_dataset(tmp_path / "raw", out, progress=False)
+        assert not list(out.iterdir())
+    finally:
+        out.chmod(0o700)
+
+
+@needs_non_root
+def test_infer_into_a_read_only_folder(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
+    write_case(tmp_path / "raw", "brats2021", CID)
+    out = _read_only_dir(tmp_path / "pred")
+    try:
+        with pytest.raises(OutputFolderError, match=rf"output folder {out} cannot be written \(Permission denied\)"):
+            segment_cases(str(checkpoint), tmp_path / "raw", out, progress=False)
+        assert not list(out.iterdir())
+    finally:
+        out.chmod(0o700)
+
+
+def _cli(*args: str) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("brats_psp_cli", REPO / "pipelines" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+def test_output_folder_blocked_by_a_file(tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """Root can write anywhere, so this is the unwritable-folder test that runs everywhere: a file sits where
+    the folder should be. Both stages stop before any work, name the folder, and the CLI exits with 2."""
+    write_case(tmp_path / "raw", "brats2021", CID)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("keep me")
+    for out, reason in ((blocker, "File exists"), (blocker / "sub", "Not a directory")):
+        with pytest.raises(OutputFolderError, match=rf"output folder {out} cannot be written \({reason}\)"):
+            preprocess_dataset(tmp_path / "raw", out, progress=False)
+        with pytest.raises(OutputFolderError, match=rf"output folder {out} cannot be written \({reason}\)"):
+            segment_cases(str(checkpoint), tmp_path / "raw", out, progress=False)
+    assert _cli("preprocess", "--data", str(tmp_path / "raw"), "--out", str(blocker)) == 2
+    assert f"output folder {blocker} cannot be written" in caplog.text
+    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder", "raw"]
+
+
+# --------------------------------------------------------------------------- config windows
+
+def test_inference_window_larger_than_the_volume(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
+    """infer.roi_size bigger than every slice: SliceInferer pads the slice to the window and crops the result back."""
+    write_case(tmp_path / "raw", "brats2021", CID)  # 40 x 44 x 24 at 1 mm; the model resamples to 2 mm (20 x 22 slices)
+    cfg = load_config(None, ["infer.roi_size=[96,128]"]).infer
+    result = segment_cases(str(checkpoint), tmp_path / "raw", tmp_path / "pred", cfg, progress=False)
+    assert not result.failures
+    out = nib.load(str(result.written[CID]))
+    assert out.shape == (40, 44, 24)
+    np.testing.assert_allclose(out.affine, BRATS_AFFINE)
+    from brats_psp.inference import predict_volume
+    from brats_psp.runtime import setup_runtime
+    from brats_psp.segment import load_model
+
+    probs = predict_volume(load_model(str(checkpoint)).network, torch.randn(4, 21, 17, 9), cfg, setup_runtime("cpu", "fp32"))
+    assert probs.shape == (3, 21, 17, 9) and 0 <= float(probs.min()) <= float(probs.max()) <= 1

@@ -34,7 +34,7 @@ from brats_psp.config import DataConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, preprocessing_params, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
-from brats_psp.io import save_npy, write_json
+from brats_psp.io import ensure_writable_dir, save_npy, write_json
 from brats_psp.labels import REGION_NAMES, region_presence, tissue_to_regions
 
 __all__ = ["CACHE_VERSION", "PreprocessResult", "preprocess_dataset", "preprocess_case", "load_cache_meta", "safe_case_dir", "kfold_assignment"]
@@ -194,8 +194,7 @@ def preprocess_dataset(
     Running it again on unchanged inputs reuses every entry.
     """
     data_cfg = data_cfg or DataConfig()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable_dir(out)  # before any case is read: an unwritable cache fails at once, by name
     found = discover_cases(data, data_cfg.layout)
     params = preprocessing_params(data_cfg.spacing)
     result = PreprocessResult(out_dir, out_dir / "datalist.json", out_dir / "summary.json", failures=list(found.failures))

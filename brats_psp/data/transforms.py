@@ -5,6 +5,7 @@ The chain (:func:`volume_transforms`)::
     LoadBratsCased        four contrasts -> image (4, X, Y, Z) in MODALITIES order, label -> tissue codes (1, X, Y, Z)
     Orientationd          one canonical orientation (RAS)
     Spacingd              resample to ``data.spacing`` mm (a no-op on 1 mm BraTS data)
+    RequireBraind         refuse a case whose resampled volume has no brain voxel left (a CaseError)
     CropForegroundd       crop to the bounding box of the brain (voxels non-zero in any contrast)
     NormalizeIntensityd   per-channel z-score inside the non-zero mask
 
@@ -41,6 +42,7 @@ from brats_psp.labels import LabelValueError, release_to_tissue
 __all__ = [
     "AXCODES",
     "LoadBratsCased",
+    "RequireBraind",
     "load_case_arrays",
     "read_nifti",
     "volume_transforms",
@@ -89,8 +91,9 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
 
     Raises:
         CaseError: naming the case and the file: unreadable, wrong dimensionality, contrasts
-            that disagree in shape or affine, NaN/inf voxels, an all-zero contrast, label values
-            outside the release's set or a label whose shape differs from the images.
+            that disagree in shape or affine, NaN/inf voxels (refused, never repaired), an all-zero
+            or constant contrast (no brain to find), label values outside the release's set or a
+            label whose shape differs from the images.
     """
     layout = get_layout(case.layout)
     channels: list[np.ndarray] = []
@@ -125,6 +128,9 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
     for modality, path, data in zip(MODALITIES, paths, channels):
         if not np.any(data):
             raise CaseError(case.case_id, path, f"the {modality} contrast is all zero (no brain)")
+        low, high = float(data.min()), float(data.max())
+        if low == high:
+            raise CaseError(case.case_id, path, f"the {modality} contrast is constant (every voxel is {low:g}): no brain to find")
     image = np.stack(channels)
     tissue = None
     if with_label and case.label is not None:
@@ -174,6 +180,31 @@ def nonzero_any(image: torch.Tensor) -> torch.Tensor:
     return (image != 0).any(dim=0, keepdim=True)
 
 
+class RequireBraind(MapTransform):
+    """Raise a :class:`CaseError` when the image has no brain voxel (:func:`nonzero_any`) left.
+
+    Runs before the foreground crop: without it a brain that resampling wipes out (a few
+    voxels at a coarse ``data.spacing``) crops to an empty volume and fails deep inside MONAI
+    with a message that names neither the case nor the file.
+    """
+
+    def __init__(self, key: str = "image", spacing: Sequence[float] | None = None) -> None:
+        super().__init__(keys=[key])
+        self.key = key
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        image = data[self.key]
+        if image.numel() == 0 or not bool(nonzero_any(image).any()):
+            meta = getattr(image, "meta", {})
+            where = f" after resampling to {self.spacing} mm" if self.spacing else ""
+            raise CaseError(
+                str(meta.get("case_id", "?")), meta.get("filename_or_obj"),
+                f"no brain voxel left{where}: every contrast is zero, so the foreground crop is empty",
+            )
+        return data
+
+
 def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bool = True, margin: int = 0) -> Compose:
     """The volume chain from a ``{"case": Case}`` dict to a cropped, normalised image (and label)."""
     keys = ["image", "label"] if with_label else ["image"]
@@ -183,6 +214,7 @@ def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bo
             LoadBratsCased(with_label=with_label),
             Orientationd(keys=keys, axcodes=AXCODES, labels=_AXIS_LABELS, allow_missing_keys=True),
             Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, allow_missing_keys=True),
+            RequireBraind("image", spacing),
             CropForegroundd(
                 keys=keys, source_key="image", select_fn=nonzero_any, margin=margin,
                 allow_smaller=True, allow_missing_keys=True,
