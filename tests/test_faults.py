@@ -1,4 +1,4 @@
-"""kill -9 in the middle of training: --resume finishes the run from the last checkpoint."""
+"""kill -9 in the middle of training (--resume finishes the run) and in the middle of writing a checkpoint."""
 
 from __future__ import annotations
 
@@ -49,3 +49,67 @@ def test_kill_9_then_resume(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(6))
+
+
+_WRITER = """
+import io, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch
+from brats_psp.checkpoint import save_checkpoint
+
+path = sys.argv[1]
+save_checkpoint(path, {"model": {"w": torch.zeros(8)}, "config": {"train": {}}, "epoch": 0})
+print("first saved", flush=True)
+real_save = torch.save
+
+def slow_save(obj, f, *args, **kwargs):  # torch.save, dribbled out 4 KiB every 10 ms (about 10 s in all)
+    buf = io.BytesIO()
+    real_save(obj, buf, *args, **kwargs)
+    data = buf.getvalue()
+    with open(f, "wb") as fh:
+        for i in range(0, len(data), 4096):
+            fh.write(data[i : i + 4096])
+            fh.flush()
+            time.sleep(0.01)
+
+torch.save = slow_save
+save_checkpoint(path, {"model": {"w": torch.ones(1_000_000)}, "config": {"train": {}}, "epoch": 1})
+print("second saved", flush=True)
+"""
+
+
+def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: Path) -> None:
+    """SIGKILL in the middle of writing last.pt: last.pt is still the previous, complete checkpoint, and the
+    half-written temporary beside it is neither loadable nor what --resume picks."""
+    from brats_psp.checkpoint import CheckpointError
+    from brats_psp.config import load_config
+    from brats_psp.training import find_resume_checkpoint
+
+    ckpt_dir = tmp_path / "outputs" / "run1" / "checkpoints"
+    last = ckpt_dir / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(last), str(REPO)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "first saved"
+        deadline = time.monotonic() + 60
+        partial: list[Path] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in ckpt_dir.iterdir() if p.name != "last.pt" and p.stat().st_size > 64 * 1024]
+            if partial:
+                break
+            time.sleep(0.02)
+        assert partial and proc.poll() is None, "the second write was not caught in progress"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "second saved" not in proc.stdout.read()
+    state = load_checkpoint(last)
+    assert state["epoch"] == 0 and state["model"]["w"].shape == (8,)
+    (tmp,) = partial
+    assert tmp.name.startswith(".last.pt.") and tmp.exists()  # the kill left it: no cleanup code ran
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp)
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'outputs'}"])
+    assert find_resume_checkpoint("run1", cfg) == last
