@@ -41,7 +41,7 @@ from brats_psp.data.transforms import preprocessing_params
 from brats_psp.inference import RegionProbabilities, predict_volume
 from brats_psp.io import write_json
 from brats_psp.labels import REGION_NAMES, tissue_to_regions
-from brats_psp.losses import PSPLoss
+from brats_psp.losses import LossTerms, PSPLoss
 from brats_psp.metrics import dice
 from brats_psp.networks import build_network, count_parameters
 from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
@@ -178,6 +178,66 @@ def validate(
 # --------------------------------------------------------------------------- one epoch
 
 
+def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) -> DataLoader:
+    """The training data path: cached volumes -> tumour-ratio sampler -> 2D augmentations -> batches.
+
+    Workers (``train.num_workers``) augment while the main process trains, ``prefetch_factor``
+    batches ahead each; batches are pinned for a GPU.
+    """
+    dataset = SliceDataset(train_dirs, cfg.data.context_slices, slice_transforms(cfg.data, train=True), cfg.data.planes)
+    sampler = TumourRatioSampler(
+        dataset.has_tumour, cfg.train.slices_per_epoch, cfg.data.tumour_ratio, cfg.train.seed, runtime.rank, runtime.world_size
+    )
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.train.num_workers,
+        worker_init_fn=worker_init_fn,
+        generator=torch.Generator(),
+        pin_memory=runtime.device.type == "cuda",
+        drop_last=True,
+        prefetch_factor=4 if cfg.train.num_workers else None,
+    )
+
+
+def seed_loader_epoch(loader: DataLoader, epoch: int, cfg: Config, runtime: Runtime) -> None:
+    """Every random draw of an epoch (slices, augmentations, dropout) follows from (seed, epoch)."""
+    loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    assert loader.generator is not None
+    loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+    loader.dataset.transform.set_random_state(seed=(cfg.train.seed * 100_003 + epoch * 7919 + runtime.rank) % 2**32)  # type: ignore[attr-defined]
+    torch.manual_seed(cfg.train.seed * 100_003 + epoch + runtime.rank)
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_fn: PSPLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    scaler: torch.amp.GradScaler,
+    cfg: Config,
+    runtime: Runtime,
+) -> LossTerms:
+    """One optimisation step on one batch (channels-last, autocast, clipping, scheduler)."""
+    image = batch["image"].to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    label = batch["label"].to(runtime.device, non_blocking=True)
+    presence = batch["presence"].to(runtime.device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(runtime):
+        out = model(image)
+    terms = loss_fn(out, label, presence)
+    scaler.scale(terms.total).backward()
+    if cfg.train.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return terms
+
+
 def _train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -195,21 +255,8 @@ def _train_epoch(
     slices, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     for batch in bar:
-        image = batch["image"].to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        label = batch["label"].to(runtime.device, non_blocking=True)
-        presence = batch["presence"].to(runtime.device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(runtime):
-            out = model(image)
-        terms = loss_fn(out, label, presence)
-        scaler.scale(terms.total).backward()
-        if cfg.train.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        n = image.shape[0]
+        terms = train_step(model, batch, loss_fn, optimizer, scheduler, scaler, cfg, runtime)
+        n = batch["image"].shape[0]
         slices += n
         for key, value in zip(sums, terms):
             sums[key] += float(value.detach()) * n
@@ -268,23 +315,7 @@ def train(
     train_dirs, val_dirs = split_cases(cache, cfg.data.fold)
     if not train_dirs or not val_dirs:
         raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
-    train_transform = slice_transforms(cfg.data, train=True)
-    dataset = SliceDataset(train_dirs, cfg.data.context_slices, train_transform, cfg.data.planes)
-    sampler = TumourRatioSampler(
-        dataset.has_tumour, cfg.train.slices_per_epoch, cfg.data.tumour_ratio, cfg.train.seed, runtime.rank, runtime.world_size
-    )
-    loader_gen = torch.Generator()
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=cfg.train.num_workers,
-        worker_init_fn=worker_init_fn,
-        generator=loader_gen,
-        pin_memory=runtime.device.type == "cuda",
-        drop_last=True,
-        prefetch_factor=4 if cfg.train.num_workers else None,
-    )
+    loader = build_train_loader(cfg, train_dirs, runtime)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"train.slices_per_epoch={cfg.train.slices_per_epoch} is less than one batch of {cfg.train.batch_size} per process")
@@ -343,10 +374,7 @@ def train(
             )
         for epoch in range(start_epoch, cfg.train.epochs):
             # every random draw of the epoch follows from (seed, epoch): resuming reproduces it
-            sampler.set_epoch(epoch)
-            loader_gen.manual_seed(cfg.train.seed * 100_003 + epoch)
-            train_transform.set_random_state(seed=(cfg.train.seed * 100_003 + epoch * 7919 + runtime.rank) % 2**32)
-            torch.manual_seed(cfg.train.seed * 100_003 + epoch + runtime.rank)
+            seed_loader_epoch(loader, epoch, cfg, runtime)
             metrics = _train_epoch(
                 model, loader, loss_fn, optimizer, scheduler, scaler, cfg, runtime, f"epoch {epoch + 1}/{cfg.train.epochs}", progress
             )
@@ -394,7 +422,7 @@ def train(
                 best_model = build_model_from_checkpoint(load_checkpoint(best_path))
                 wrapped = RegionProbabilities(best_model, cfg.model.output)
                 example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
-                tracker.log_model(wrapped, example_input, cfg.tracking.register_name)
+                tracker.log_model(wrapped, example_input, cfg.tracking.register_name, checkpoint=best_path)
             tracker.log_metrics({"best/dice_mean": best, "best/epoch": best_epoch}, step=cfg.train.epochs - 1)
         status = "FINISHED"
     finally:
