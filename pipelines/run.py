@@ -153,6 +153,19 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+@stage("sync-mlflow")
+def sync_mlflow(args: argparse.Namespace) -> int:
+    from brats_psp.tracking import ReplayError, replay_pending
+
+    try:
+        sent = replay_pending(args.run_dir, args.tracking_uri)
+    except ReplayError as err:
+        log.error("%s", err)
+        return 1
+    log.info("sent %d pending MLflow call(s) from %s", sent, args.run_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -215,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="compare these runs (default: every run of the experiment)")
     p.add_argument("--out", default="comparison", help="folder for comparison.csv and comparison.png (default ./comparison)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
+
+    p = add(
+        "sync-mlflow",
+        "send the MLflow calls a training run kept in <run dir>/mlflow_pending.jsonl while the tracking server was down",
+        config=False,
+    )
+    p.add_argument("run_dir", metavar="OUTPUT_RUN_DIR", help="the run folder (outputs/<run>) or its mlflow_pending.jsonl")
+    p.add_argument("--tracking-uri", help="where to send them (default: the URI the run used)")
     return parser
 
 

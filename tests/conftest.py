@@ -74,6 +74,16 @@ def write_case(
     return {"image": image, "tissue": tissue, "paths": paths}
 
 
+def run_cli(*args: str) -> int:
+    """``python pipelines/run.py ARGS`` in this process (no interpreter start-up); returns the exit code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("brats_psp_cli", REPO / "pipelines" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in its own folder: MLflow's relative artifact store (./mlruns), caches

@@ -20,7 +20,7 @@ from brats_psp.data.transforms import load_case_arrays
 from brats_psp.errors import CaseError, DiscoveryError
 from brats_psp.io import OutputFolderError, save_nifti
 from brats_psp.segment import segment_cases
-from tests.conftest import BRATS_AFFINE, REPO, small_volume, write_case
+from tests.conftest import BRATS_AFFINE, run_cli, small_volume, write_case
 from tests.test_segment import checkpoint  # noqa: F401  (fixture)
 
 CID = "BraTS2021_00007"
@@ -360,15 +360,6 @@ def test_infer_into_a_read_only_folder(tmp_path: Path, checkpoint: Path) -> None
         out.chmod(0o700)
 
 
-def _cli(*args: str) -> int:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("brats_psp_cli", REPO / "pipelines" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
-
-
 def test_output_folder_blocked_by_a_file(tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     """Root can write anywhere, so this is the unwritable-folder test that runs everywhere: a file sits where
     the folder should be. Both stages stop before any work, name the folder, and the CLI exits with 2."""
@@ -380,7 +371,7 @@ def test_output_folder_blocked_by_a_file(tmp_path: Path, checkpoint: Path, caplo
             preprocess_dataset(tmp_path / "raw", out, progress=False)
         with pytest.raises(OutputFolderError, match=rf"output folder {out} cannot be written \({reason}\)"):
             segment_cases(str(checkpoint), tmp_path / "raw", out, progress=False)
-    assert _cli("preprocess", "--data", str(tmp_path / "raw"), "--out", str(blocker)) == 2
+    assert run_cli("preprocess", "--data", str(tmp_path / "raw"), "--out", str(blocker)) == 2
     assert f"output folder {blocker} cannot be written" in caplog.text
     assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder", "raw"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -10,7 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from brats_psp.checkpoint import load_checkpoint
+from brats_psp.tracking import PENDING_FILE, ReplayError, RunTracker, replay_pending
 from brats_psp.training import train
+from tests.conftest import run_cli
 from tests.mlflow_server import MlflowServer, free_port
 from tests.test_training import smoke_config, tiny_data  # noqa: F401  (fixture)
 
@@ -44,18 +48,117 @@ def test_training_against_a_tracking_server(server: MlflowServer, tiny_data: Pat
     assert any((server.root / "artifacts").rglob("best.pt"))
 
 
-def test_server_down_training_finishes_and_keeps_the_metrics(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    port = free_port()  # nothing listens here
-    cfg = smoke_config(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "train.epochs=1")
-    import os
+def _fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A down server fails each MLflow call at once instead of after minutes of retries."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
 
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
-    try:
+
+def _pending(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / PENDING_FILE).read_text().splitlines()]
+
+
+def test_server_down_training_finishes_and_keeps_the_metrics_then_replays(
+    server: MlflowServer, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    """Down from the start: the run never exists on the server. sync-mlflow creates it and sends everything."""
+    _fail_fast(monkeypatch)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    cfg = smoke_config(tmp_path, f"tracking.uri={dead}", "train.epochs=1", "tracking.experiment=down_test", "tracking.run_name=offline-run")
+    with caplog.at_level(logging.WARNING, logger="brats_psp"):
         result = train(cfg, data=tiny_data, progress=False)
-    finally:
-        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]
-    assert result.best_checkpoint.is_file()
-    pending = [json.loads(line) for line in (result.run_dir / "mlflow_pending.jsonl").read_text().splitlines()]
+    assert result.best_checkpoint.is_file() and result.run_id is None and result.run_dir.name.startswith("offline-")
+    pending = _pending(result.run_dir)
+    assert pending[0]["call"] == "start_run" and pending[0]["run_name"] == "offline-run"
     logged = [p for p in pending if p["call"] == "log_metrics"]
     assert any("val/dice_mean" in p["metrics"] for p in logged)
+    assert {p["call"] for p in pending} >= {"log_params", "set_tags", "log_artifact", "log_model", "end_run"}
+    assert f"{len(pending)} MLflow call(s) could not be sent" in caplog.text and f"sync-mlflow {result.run_dir}" in caplog.text
+
+    # still down: nothing is lost and the file is untouched
+    with pytest.raises(ReplayError, match=r"call 1 of \d+ \(start_run\)"):
+        replay_pending(result.run_dir)
+    assert _pending(result.run_dir) == pending
+
+    # back (a server on another address): the CLI sends everything, once
+    assert run_cli("sync-mlflow", str(result.run_dir), "--tracking-uri", server.uri) == 0
+    client = MlflowClient(tracking_uri=server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("down_test").experiment_id])
+    assert run.info.run_name == "offline-run" and run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "1" and run.data.tags["brats_psp.run_dir"] == str(result.run_dir.resolve())
+    history = client.get_metric_history(run.info.run_id, "val/dice_mean")
+    assert [(m.step, m.value) for m in history] == [(0, pytest.approx(result.history[0]["val/dice_mean"]))]
+    assert {"config.yaml", "checkpoints", "learning_curves.png", "history.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    mlflow.set_tracking_uri(server.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # rebuilt from best.pt and logged
+    assert model(torch.zeros(1, 4, 24, 40)).shape == (1, 3, 24, 40)
+    assert not (result.run_dir / PENDING_FILE).exists() and (result.run_dir / "mlflow_pending.replayed.jsonl").is_file()
+    assert replay_pending(result.run_dir, server.uri) == 0
+    assert len(client.search_runs([client.get_experiment_by_name("down_test").experiment_id])) == 1
+
+
+def test_server_stopped_mid_run_then_replayed_into_the_same_run(
+    server: MlflowServer, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    """The server dies after epoch 1 of 2: training finishes, checkpoints are written, the user is warned,
+    the missed calls are kept; once the server is back on the same store they land in the same run."""
+    _fail_fast(monkeypatch)
+    cfg = smoke_config(tmp_path, f"tracking.uri={server.uri}", "train.epochs=2", "tracking.experiment=stop_test", "tracking.log_model=false")
+
+    def stop_the_server(epoch: int, metrics: dict) -> None:
+        if epoch == 0:
+            server.stop()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="brats_psp"):
+            result = train(cfg, data=tiny_data, progress=False, on_epoch_end=stop_the_server)
+    finally:
+        if server.proc is None:
+            server.start()  # same port, same SQLite store and artifact folder
+    assert load_checkpoint(result.last_checkpoint)["epoch"] == 1 and result.best_checkpoint.is_file()
+    assert "MLflow log_metrics failed" in caplog.text and "sync-mlflow" in caplog.text
+    pending = _pending(result.run_dir)
+    assert {p["run_id"] for p in pending} == {result.run_id}
+    assert [p["step"] for p in pending if p["call"] == "log_metrics" and "train/loss" in p["metrics"]] == [1]
+    assert pending[-1]["call"] == "end_run" and pending[-1]["status"] == "FINISHED"
+
+    client = MlflowClient(tracking_uri=server.uri)
+    assert client.get_run(result.run_id).info.status == "RUNNING"  # what the server saw before it died
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [0]
+    assert replay_pending(result.run_dir) == len(pending)  # the URI recorded with the calls
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "val/dice_mean"):
+        history = client.get_metric_history(result.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(e["epoch"], pytest.approx(e[key])) for e in result.history], key
+    assert {"checkpoints", "learning_curves.png", "history.json"} <= {a.path for a in client.list_artifacts(result.run_id)}
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    assert replay_pending(result.run_dir) == 0
+    assert len(client.search_runs([client.get_experiment_by_name("stop_test").experiment_id])) == 1
+
+
+def test_a_replay_that_fails_half_way_resumes_without_a_second_run(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_fast(monkeypatch)
+    cfg = smoke_config(tmp_path, f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.experiment=resume_replay")
+    tracker = RunTracker(cfg, fallback_dir=tmp_path / "run")
+    tracker.start(run_name="half")
+    tracker.log_metrics({"a": 1.0}, step=0)
+    with open(tracker.pending_file, "a") as fh:  # a record the server refuses: replay stops there
+        fh.write(json.dumps({"call": "log_metrics", "run_id": None, "experiment": "resume_replay", "metrics": {"b": "oops"}, "step": 1}) + "\n")
+    tracker.log_metrics({"a": 2.0}, step=1)
+    tracker.end("FINISHED")
+    with pytest.raises(ReplayError, match=r"call 3 of 5 \(log_metrics\).*2 sent, 3 kept"):
+        replay_pending(tmp_path / "run", server.uri)
+    kept = _pending(tmp_path / "run")
+    (run,) = MlflowClient(tracking_uri=server.uri).search_runs([MlflowClient(tracking_uri=server.uri).get_experiment_by_name("resume_replay").experiment_id])
+    assert len(kept) == 3 and {k["run_id"] for k in kept} == {run.info.run_id}  # the run made for them is remembered
+    (tmp_path / "run" / PENDING_FILE).write_text("".join(json.dumps(k) + "\n" for k in kept[1:]))  # drop the bad record
+    assert replay_pending(tmp_path / "run", server.uri) == 2
+    client = MlflowClient(tracking_uri=server.uri)
+    assert len(client.search_runs([client.get_experiment_by_name("resume_replay").experiment_id])) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "a")] == [(0, 1.0), (1, 2.0)]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    replayed = (tmp_path / "run" / "mlflow_pending.replayed.jsonl").read_text().splitlines()
+    assert len(replayed) == 2
