@@ -9,6 +9,7 @@ runs the 2D network over every slice of ``infer.planes`` (axial by default) with
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,7 +23,9 @@ from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
 
-__all__ = ["PLANE_AXES", "RegionProbabilities", "add_context", "predict_volume", "probabilities_to_tissue"]
+__all__ = ["PLANE_AXES", "RegionProbabilities", "add_context", "is_out_of_memory", "predict_volume", "probabilities_to_tissue"]
+
+log = logging.getLogger(__name__)
 
 
 class RegionProbabilities(nn.Module):
@@ -34,7 +37,16 @@ class RegionProbabilities(nn.Module):
         self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout oneDNN and cuDNN convolve fastest
         return region_probabilities(self.net(x).masks.float(), self.output)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for a CUDA or CPU allocation failure (PyTorch raises both as RuntimeError subclasses)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def add_context(image: torch.Tensor, context: int, axis: int = 2) -> torch.Tensor:
@@ -68,7 +80,8 @@ def predict_volume(
     Args:
         model: a network returning :class:`~brats_psp.networks.PSPNetOutput` (in eval mode).
         image: float C × X × Y × Z (C = 4 contrasts), z-scored, RAS, axial slices along Z.
-        cfg: window size, overlap, blending, batch size, flip TTA and planes.
+        cfg: window size, overlap, blending, batch size, flip TTA and planes. When a batch runs
+            out of memory, the batch is halved and retried (down to one slice), with a warning.
         runtime: device and autocast dtype.
         output: the network's output mode.
         context: 2.5D neighbours the network was trained with.
@@ -76,32 +89,46 @@ def predict_volume(
     Returns:
         float32 3 × X × Y × Z probabilities of WT, TC, ET (on CPU).
     """
-    wrapper = RegionProbabilities(model, output).eval()
+    wrapper = RegionProbabilities(model.to(memory_format=torch.channels_last), output).eval()
     total, count = None, 0
+    batch_size = cfg.batch_size
     with torch.inference_mode(), autocast(runtime):
         for plane in cfg.planes:
             axis = PLANE_AXES[plane]
-            inferer = SliceInferer(
-                roi_size=tuple(cfg.roi_size),
-                sw_batch_size=cfg.batch_size,
-                spatial_dim=axis,
-                overlap=cfg.overlap,
-                mode=cfg.blend,
-                padding_mode="constant",
-                cval=0.0,
-                progress=False,
-            )
             x = add_context(image.float(), context, axis)[None].to(runtime.device)
             in_plane = [d + 2 for d in range(3) if d != axis]  # the two axes of each 2D slice
             flips: Sequence[tuple[int, ...]] = [()] + ([(in_plane[0],), (in_plane[1],), tuple(in_plane)] if cfg.tta else [])
             for dims in flips:
                 xi = torch.flip(x, dims) if dims else x
-                probs = inferer(xi, wrapper).float()
+                while True:
+                    try:
+                        probs = _slice_inferer(cfg, axis, batch_size)(xi, wrapper).float()
+                        break
+                    except RuntimeError as err:  # out of memory: fall back to smaller batches, down to one slice
+                        if not is_out_of_memory(err) or batch_size == 1:
+                            raise
+                        batch_size = max(1, batch_size // 2)
+                        log.warning("out of memory at inference (%s); retrying with %d slices per batch", str(err).splitlines()[0], batch_size)
+                        if runtime.device.type == "cuda":
+                            torch.cuda.empty_cache()
                 probs = torch.flip(probs, dims) if dims else probs
                 total = probs if total is None else total + probs
                 count += 1
     assert total is not None
     return (total / count)[0].cpu()
+
+
+def _slice_inferer(cfg: InferConfig, axis: int, batch_size: int) -> SliceInferer:
+    return SliceInferer(
+        roi_size=tuple(cfg.roi_size),
+        sw_batch_size=batch_size,
+        spatial_dim=axis,
+        overlap=cfg.overlap,
+        mode=cfg.blend,
+        padding_mode="constant",
+        cval=0.0,
+        progress=False,
+    )
 
 
 def probabilities_to_tissue(probs: torch.Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray:

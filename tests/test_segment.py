@@ -133,3 +133,50 @@ def test_context_along_any_axis() -> None:
         first = [slice(None)] * 4
         first[axis + 1] = 0
         torch.testing.assert_close(out[0:2][tuple(first)], image[tuple(first)])  # edge repeated
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """Fault injection: the wrapped network raises PyTorch's out-of-memory error on batches above ``limit``."""
+
+    def __init__(self, net: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.net, self.limit, self.batches = net, limit, []
+
+    def forward(self, x: torch.Tensor):  # noqa: ANN201
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected for {x.shape[0]} slices)")
+        return self.net(x)
+
+
+def test_out_of_memory_falls_back_to_smaller_batches(checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from brats_psp.inference import predict_volume
+    from brats_psp.runtime import setup_runtime
+    from brats_psp.segment import load_model
+
+    net = load_model(str(checkpoint)).network
+    image = torch.randn(4, 30, 30, 20)
+    runtime = setup_runtime("cpu", "fp32")
+    small = load_config(None, ["infer.roi_size=[32,32]", "infer.batch_size=5"]).infer
+    expected = predict_volume(net, image, small, runtime)
+    flaky = _OutOfMemoryAbove(net, limit=5)
+    big = load_config(None, ["infer.roi_size=[32,32]", "infer.batch_size=20"]).infer
+    with caplog.at_level("WARNING", logger="brats_psp.inference"):
+        got = predict_volume(flaky, image, big, runtime)
+    torch.testing.assert_close(got, expected)
+    assert flaky.batches[:2] == [20, 10] and max(flaky.batches[2:]) == 5  # 20 -> 10 -> 5 slices per batch
+    assert "out of memory at inference" in caplog.text and "retrying with 5 slices per batch" in caplog.text
+
+
+def test_other_errors_at_inference_are_not_retried() -> None:
+    from brats_psp.inference import predict_volume
+    from brats_psp.runtime import setup_runtime
+    from brats_psp.segment import load_model
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    cfg = load_config(None, ["infer.roi_size=[32,32]"]).infer
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        predict_volume(Broken(), torch.randn(4, 30, 30, 6), cfg, setup_runtime("cpu", "fp32"))
