@@ -1,7 +1,7 @@
 """The infer stage: segment whole NIfTI cases with a trained model, written in the input's geometry.
 
 For each case: the preprocessing stored in the checkpoint (the training transforms: RAS,
-resampling, crop to the brain, z-score) -> :func:`brats_psp.inference.predict_volume`
+crop to the brain, resampling, z-score) -> :func:`brats_psp.inference.predict_volume`
 (slice-wise sliding windows) -> the MONAI inverse of crop, spacing and orientation applied
 to the region probabilities (bilinear) -> threshold -> BraTS postprocessing -> label map in
 the requested release's convention -> ``OUT/<case>.nii.gz`` (uint8, the input's shape,

@@ -264,18 +264,18 @@ def test_msd_image_that_is_all_zero(tmp_path: Path) -> None:
     _refused(tmp_path / "raw", tmp_path, "BRATS_001", "BRATS_001.nii.gz", "the t1 contrast is all zero")
 
 
-def test_brain_that_resampling_wipes_out(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
-    """One bright voxel in each contrast: at 3 mm nothing is left, and the crop would be empty."""
+def test_a_few_bright_voxels_are_not_a_brain(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
+    """One bright voxel in each contrast is not a brain: refused before the crop and the resampling."""
     paths = write_case(tmp_path / "raw", "brats2021", CID)["paths"]
     for m in MODALITIES:
         data = np.zeros((40, 44, 24), np.int16)
         data[10, 10, 10] = 500
         save_nifti(paths[m], data, BRATS_AFFINE)
-    _refused(tmp_path / "raw", tmp_path, CID, f"{CID}_t1.nii.gz", "no brain voxel left after resampling to [3.0, 3.0, 3.0] mm", spacing=(3, 3, 3))
-    # the infer stage says the same (the checkpoint resamples to 2 mm) and writes no segmentation
+    _refused(tmp_path / "raw", tmp_path, CID, f"{CID}_t1.nii.gz", "no brain voxel left: only 1 voxel(s) are non-zero", spacing=(3, 3, 3))
+    # the infer stage says the same and writes no segmentation
     result = segment_cases(str(checkpoint), tmp_path / "raw", tmp_path / "pred", progress=False)
     (err,) = result.failures
-    assert f"{CID}_t1.nii.gz" in str(err) and "no brain voxel left after resampling to [2.0, 2.0, 2.0] mm" in str(err)
+    assert f"{CID}_t1.nii.gz" in str(err) and "no brain voxel left: only 1 voxel(s) are non-zero" in str(err)
     assert not result.written and not list((tmp_path / "pred").glob("*.nii.gz"))
 
 

@@ -183,26 +183,32 @@ def nonzero_any(image: torch.Tensor) -> torch.Tensor:
 class RequireBraind(MapTransform):
     """Raise a :class:`CaseError` when the image has no brain voxel (:func:`nonzero_any`) left.
 
-    Runs before the foreground crop: without it a brain that resampling wipes out (a few
-    voxels at a coarse ``data.spacing``) crops to an empty volume and fails deep inside MONAI
-    with a message that names neither the case nor the file.
+    Runs before the foreground crop and after resampling: without it an empty image, or a
+    brain that resampling wipes out (a few voxels at a coarse ``data.spacing``), fails deep
+    inside MONAI with a message that names neither the case nor the file.
     """
 
-    def __init__(self, key: str = "image", spacing: Sequence[float] | None = None) -> None:
+    def __init__(self, key: str = "image", spacing: Sequence[float] | None = None, min_voxels: int = 1) -> None:
         super().__init__(keys=[key])
         self.key = key
         self.spacing = None if spacing is None else [float(s) for s in spacing]
+        self.min_voxels = min_voxels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         image = data[self.key]
-        if image.numel() == 0 or not bool(nonzero_any(image).any()):
+        n = int(nonzero_any(image).sum()) if image.numel() else 0
+        if n < self.min_voxels:
             meta = getattr(image, "meta", {})
             where = f" after resampling to {self.spacing} mm" if self.spacing else ""
-            raise CaseError(
-                str(meta.get("case_id", "?")), meta.get("filename_or_obj"),
-                f"no brain voxel left{where}: every contrast is zero, so the foreground crop is empty",
+            what = "every contrast is zero, so the foreground crop is empty" if n == 0 else (
+                f"only {n} voxel(s) are non-zero in any contrast, fewer than the {self.min_voxels} of even a tiny skull-stripped brain"
             )
+            raise CaseError(str(meta.get("case_id", "?")), meta.get("filename_or_obj"), f"no brain voxel left{where}: {what}")
         return data
+
+
+#: Fewer non-zero voxels than this (1 mL at 1 mm) is not a brain: the case is refused by name.
+MIN_BRAIN_VOXELS = 1000
 
 
 def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bool = True, margin: int = 0) -> Compose:
@@ -213,12 +219,15 @@ def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bo
         [
             LoadBratsCased(with_label=with_label),
             Orientationd(keys=keys, axcodes=AXCODES, labels=_AXIS_LABELS, allow_missing_keys=True),
-            Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, allow_missing_keys=True),
-            RequireBraind("image", spacing),
+            RequireBraind("image", min_voxels=MIN_BRAIN_VOXELS),
+            # crop before resampling: both directions of the resampling (here and its inverse
+            # at inference) then touch the brain's box only, about 40 % of a BraTS volume
             CropForegroundd(
                 keys=keys, source_key="image", select_fn=nonzero_any, margin=margin,
                 allow_smaller=True, allow_missing_keys=True,
             ),
+            Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, allow_missing_keys=True),
+            RequireBraind("image", spacing),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         ]
     )
@@ -242,8 +251,8 @@ def preprocessing_params(spacing: Sequence[float]) -> dict[str, Any]:
     return {
         "modalities": list(MODALITIES),
         "orientation": AXCODES,
+        "crop": "nonzero bounding box, before resampling",
         "spacing": [float(s) for s in spacing],
-        "crop": "nonzero bounding box",
         "normalize": "z-score per channel inside the non-zero mask",
         "slice_axis": "axial (last spatial axis after orientation)",
     }
