@@ -180,3 +180,30 @@ def test_other_errors_at_inference_are_not_retried() -> None:
     cfg = load_config(None, ["infer.roi_size=[32,32]"]).infer
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         predict_volume(Broken(), torch.randn(4, 30, 30, 6), cfg, setup_runtime("cpu", "fp32"))
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_whole_slice_batches_equal_monai_slice_inferer(checkpoint: Path, plane: str) -> None:
+    """The direct path for slices that fit in one window gives what SliceInferer gives."""
+    from brats_psp.inference import PLANE_AXES, RegionProbabilities, _predict_plane, _slice_inferer
+    from brats_psp.segment import load_model
+
+    net = RegionProbabilities(load_model(str(checkpoint)).network, "sigmoid").eval()
+    cfg = load_config(None, ["infer.roi_size=[32,32]", "infer.batch_size=7"]).infer
+    x = torch.randn(1, 4, 23, 30, 17)
+    axis = PLANE_AXES[plane]
+    with torch.inference_mode():
+        direct = _predict_plane(x, net, cfg, axis, cfg.batch_size)
+        monai = _slice_inferer(cfg, axis, cfg.batch_size)(x, net).float()
+    assert direct.shape == monai.shape == (1, 3, 23, 30, 17)
+    torch.testing.assert_close(direct, monai, atol=1e-5, rtol=1e-4)
+
+
+def test_slices_larger_than_the_window_slide_with_monai(checkpoint: Path) -> None:
+    from brats_psp.inference import predict_volume
+    from brats_psp.runtime import setup_runtime
+    from brats_psp.segment import load_model
+
+    cfg = load_config(None, ["infer.roi_size=[16,16]", "infer.overlap=0.5"]).infer
+    probs = predict_volume(load_model(str(checkpoint)).network, torch.randn(4, 40, 35, 5), cfg, setup_runtime("cpu", "fp32"))
+    assert probs.shape == (3, 40, 35, 5) and 0 <= float(probs.min()) and float(probs.max()) <= 1
