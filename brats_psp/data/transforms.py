@@ -62,18 +62,38 @@ _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 AFFINE_ATOL = 1e-3
 
 
-def read_nifti(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Read one NIfTI file as float32 (scaling applied), or raise a CaseError naming it."""
+def open_nifti(case_id: str, path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file (its header; the voxels are read later), or raise a CaseError naming it."""
     if not path.is_file():
         raise CaseError(case_id, path, "file not found")
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
+        return nib.load(str(path))
+    except Exception as err:  # nibabel, gzip and OS errors all mean "unreadable"
         raise CaseError(case_id, path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    return img, data
+
+
+def _spatial_shape(img: nib.Nifti1Image) -> tuple[int, ...]:
+    shape = tuple(img.shape)
+    return shape[:3] if len(shape) == 4 and shape[3] == 1 else shape  # a 4D file holding one volume is 3D
+
+
+def _voxels(case_id: str, path: Path, img: nib.Nifti1Image, out: np.ndarray | None = None) -> np.ndarray:
+    """The voxels of an opened file, scaling applied, as float32 (into ``out`` when given)."""
+    try:
+        raw = np.asanyarray(img.dataobj)  # on-disk type, or float where scl_slope/scl_inter apply
+    except Exception as err:  # a truncated or corrupt gzip stream shows up here
+        raise CaseError(case_id, path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    raw = raw.reshape(_spatial_shape(img))
+    if out is None:
+        return raw.astype(np.float32, copy=False)
+    np.copyto(out, raw, casting="unsafe")
+    return out
+
+
+def read_nifti(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Read one NIfTI file as float32 (scaling applied), or raise a CaseError naming it."""
+    img = open_nifti(case_id, path)
+    return img, _voxels(case_id, path, img)
 
 
 def _check_finite(case_id: str, path: Path, data: np.ndarray) -> None:
@@ -83,13 +103,20 @@ def _check_finite(case_id: str, path: Path, data: np.ndarray) -> None:
     raise CaseError(case_id, path, f"{bad} voxel(s) are NaN or infinite")
 
 
-def _read_contrast(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """One 3D contrast, read and checked (dimensionality, NaN/inf); runs in a reader thread."""
-    img, data = read_nifti(case_id, path)
-    if data.ndim != 3:
-        raise CaseError(case_id, path, f"expected a 3D image, got shape {data.shape}")
-    _check_finite(case_id, path, data)
-    return img, data
+def _read_contrast(case_id: str, path: Path, img: nib.Nifti1Image, out: np.ndarray) -> tuple[float, float]:
+    """Read one contrast into ``out`` and check it (NaN/inf); runs in a reader thread; returns (min, max)."""
+    _voxels(case_id, path, img, out)
+    low, high = float(out.min()), float(out.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # NaN propagates through min, inf shows in min or max
+        raise CaseError(case_id, path, f"{int(np.count_nonzero(~np.isfinite(out)))} voxel(s) are NaN or infinite")
+    return low, high
+
+
+def _check_not_empty(case_id: str, path: Path, modality: str, low: float, high: float) -> None:
+    if low == high == 0:
+        raise CaseError(case_id, path, f"the {modality} contrast is all zero (no brain)")
+    if low == high:
+        raise CaseError(case_id, path, f"the {modality} contrast is constant (every voxel is {low:g}): no brain to find")
 
 
 def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, nib.Nifti1Image]:
@@ -107,7 +134,6 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
             label whose shape differs from the images.
     """
     layout = get_layout(case.layout)
-    channels: list[np.ndarray] = []
     if layout.is_4d:
         (path,) = case.images
         ref, data = read_nifti(case.case_id, path)
@@ -115,38 +141,38 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
             raise CaseError(case.case_id, path, f"expected a 4D image with {len(layout.channel_order)} channels, got shape {data.shape}")
         _check_finite(case.case_id, path, data)
         order = [layout.channel_order.index(m) for m in MODALITIES]
-        channels = [data[..., i] for i in order]
-        paths = [path] * len(MODALITIES)
+        image = np.ascontiguousarray(np.moveaxis(data, 3, 0)[order])
+        for modality, channel in zip(MODALITIES, image):
+            _check_not_empty(case.case_id, path, modality, float(channel.min()), float(channel.max()))
+        label = read_nifti(case.case_id, case.label)[1] if with_label and case.label is not None else None
     else:
-        ref = None
         paths = list(case.images)
-        # the contrasts are read in parallel: gzip and numpy release the GIL, so 4 files take
-        # about the time of 2 on 2 cores; errors are raised in the order of the files
-        with ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="nifti") as pool:
-            reads = [pool.submit(_read_contrast, case.case_id, path) for path in paths]
-            loaded = [r.result() for r in reads]
-        for path, (img, data) in zip(paths, loaded):
-            if ref is None:
-                ref = img
-            else:
-                if data.shape != channels[0].shape:
-                    raise CaseError(case.case_id, path, f"shape {data.shape} differs from {paths[0].name} {channels[0].shape}")
-                if not np.allclose(img.affine, ref.affine, atol=AFFINE_ATOL):
-                    raise CaseError(
-                        case.case_id, path,
-                        f"affine differs from {paths[0].name} (contrasts are not co-registered):\n{img.affine}\nvs\n{ref.affine}",
-                    )
-            channels.append(data)
-    for modality, path, data in zip(MODALITIES, paths, channels):
-        if not np.any(data):
-            raise CaseError(case.case_id, path, f"the {modality} contrast is all zero (no brain)")
-        low, high = float(data.min()), float(data.max())
-        if low == high:
-            raise CaseError(case.case_id, path, f"the {modality} contrast is constant (every voxel is {low:g}): no brain to find")
-    image = np.stack(channels)
+        imgs = [open_nifti(case.case_id, path) for path in paths]  # headers only
+        ref, shape = imgs[0], _spatial_shape(imgs[0])
+        for path, img in zip(paths, imgs):
+            if len(_spatial_shape(img)) != 3:
+                raise CaseError(case.case_id, path, f"expected a 3D image, got shape {img.shape}")
+            if _spatial_shape(img) != shape:
+                raise CaseError(case.case_id, path, f"shape {_spatial_shape(img)} differs from {paths[0].name} {shape}")
+            if not np.allclose(img.affine, ref.affine, atol=AFFINE_ATOL):
+                raise CaseError(
+                    case.case_id, path,
+                    f"affine differs from {paths[0].name} (contrasts are not co-registered):\n{img.affine}\nvs\n{ref.affine}",
+                )
+        # the contrasts are decompressed and converted in parallel, straight into one array
+        # (gzip and numpy release the GIL); errors are raised in the order of the files
+        image = np.empty((len(paths), *shape), np.float32)
+        label_img = open_nifti(case.case_id, case.label) if with_label and case.label is not None else None
+        with ThreadPoolExecutor(max_workers=len(paths) + 1, thread_name_prefix="nifti") as pool:
+            reads = [pool.submit(_read_contrast, case.case_id, path, img, image[c]) for c, (path, img) in enumerate(zip(paths, imgs))]
+            label_read = pool.submit(_voxels, case.case_id, case.label, label_img) if label_img is not None else None
+            ranges = [r.result() for r in reads]
+            label = label_read.result() if label_read is not None else None
+        for modality, path, (low, high) in zip(MODALITIES, paths, ranges):
+            _check_not_empty(case.case_id, path, modality, low, high)
     tissue = None
-    if with_label and case.label is not None:
-        _, label = read_nifti(case.case_id, case.label)
+    if label is not None:
+        assert case.label is not None
         if label.shape != image.shape[1:]:
             raise CaseError(case.case_id, case.label, f"label shape {label.shape} differs from image shape {image.shape[1:]}")
         try:
@@ -238,7 +264,7 @@ def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bo
                 keys=keys, source_key="image", select_fn=nonzero_any, margin=margin,
                 allow_smaller=True, allow_missing_keys=True,
             ),
-            Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, allow_missing_keys=True),
+            Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, dtype=np.float32, allow_missing_keys=True),
             RequireBraind("image", spacing),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         ]
