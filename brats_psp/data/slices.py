@@ -167,6 +167,7 @@ def slice_transforms(cfg: DataConfig, train: bool) -> Compose:
             RandAffined(
                 keys=keys, prob=0.5, rotate_range=(math.radians(cfg.rotate_deg),),
                 scale_range=(cfg.scale_range, cfg.scale_range), mode=("bilinear", "nearest"), padding_mode="zeros",
+                spatial_size=size, cache_grid=True,  # the identity grid is built once, not per slice
             )
         )
     if cfg.intensity_scale > 0:

@@ -1,0 +1,121 @@
+"""Scaling: the infer stage over 1, 4 and 16 cases, and training with torchrun at 1 and 2 processes.
+
+    python benchmarks/scaling.py [--cases 1 4 16] [--procs 1 2] [--checkpoint CKPT]
+
+* **inference**: ``python pipelines/run.py infer`` as a user runs it (a fresh process each
+  time, so start-up is included) on 1, 4 and 16 synthetic BraTS-sized cases. A straight line
+  through the points gives the start-up paid once and the time per case; the table shows how
+  far each point is from it.
+* **training**: ``torchrun --nproc_per_node N pipelines/run.py train`` for one epoch (no
+  validation) on the built-in set; slices/s as the run reports it (``train/slices_per_s``,
+  all processes together). On a CPU machine the processes share its cores (gloo).
+
+Prints a table and writes ``benchmarks/results/scaling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import ROOT, machine, section, table, write_result  # noqa: I001
+
+from brats_psp.checkpoint import save_checkpoint
+from brats_psp.config import config_to_dict, load_config
+from brats_psp.data.synthetic import case_id_for, generate_case, write_case
+from brats_psp.data.transforms import preprocessing_params
+from brats_psp.networks import build_network
+
+
+def random_checkpoint(path: Path, config: str) -> Path:
+    """The config's network with random weights, as a checkpoint (time does not depend on weights)."""
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    net = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+    state = {"model": net.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None}
+    return save_checkpoint(path, state)
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--checkpoint", help="a trained checkpoint (default: the config's network with random weights)")
+    ap.add_argument("--cases", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--train-cases", type=int, default=10, help="built-in cases for the training runs")
+    ap.add_argument("--train-slices", type=int, default=640, help="slices in the one training epoch")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/scaling.json)")
+    args = ap.parse_args(argv)
+    python = sys.executable
+    result: dict[str, Any] = {"config": args.config}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = Path(args.checkpoint) if args.checkpoint else random_checkpoint(tmp / "model.pt", args.config)
+        with section(f"writing {max(args.cases)} synthetic BraTS 2023 cases"):
+            for i in range(max(args.cases)):
+                write_case(generate_case(i, seed=4242, fmt="brats2023"), tmp / "all", fmt="brats2023", with_label=False)
+        seconds = {}
+        for n in args.cases:
+            folder = tmp / f"in{n}"
+            folder.mkdir()
+            for i in range(n):
+                cid = case_id_for(i, "brats2023")
+                (folder / cid).symlink_to(tmp / "all" / cid)
+            with section(f"infer on {n} case(s)"):
+                seconds[n] = run([python, "pipelines/run.py", "infer", "--model", str(ckpt), "--input", str(folder), "--output", str(tmp / f"out{n}")])
+                print(f"   {seconds[n]:.1f} s")
+        ns = np.array(sorted(seconds), dtype=float)
+        ts = np.array([seconds[int(n)] for n in ns])
+        per_case, startup = np.polyfit(ns, ts, 1) if len(ns) > 1 else (float("nan"), float("nan"))
+        result["inference"] = {"seconds": {str(k): v for k, v in seconds.items()}, "fit_startup_s": startup, "fit_per_case_s": per_case}
+        for n in ns:
+            t = seconds[int(n)]
+            rows.append([f"infer, {int(n)} case(s)", t, t / n, startup + per_case * n, "s (fit: start-up + n × per case)"])
+
+        train = {}
+        for p in args.procs:
+            with section(f"train, torchrun --nproc_per_node {p}"):
+                out = tmp / f"train{p}"
+                overrides = [
+                    f"data.demo_cases={args.train_cases}", "train.epochs=1", f"train.slices_per_epoch={args.train_slices}",
+                    "train.val_every=1000", f"train.output_dir={out}", "tracking.log_model=false",
+                    f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"train.threads={max(1, (os.cpu_count() or 1) // p)}",
+                ]
+                cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p}", "pipelines/run.py", "train",
+                       "--config", args.config, *overrides]
+                wall = run(cmd)
+                history = json.loads(next(out.glob("*/history.json")).read_text())
+                train[p] = {"slices_per_s": history[-1]["train/slices_per_s"], "wall_s": wall}
+                print(f"   {train[p]['slices_per_s']:.1f} slices/s")
+        result["training"] = {str(k): v for k, v in train.items()}
+        base = train[args.procs[0]]["slices_per_s"]
+        for p, r in train.items():
+            rows.append([f"train, {p} process(es)", r["slices_per_s"], r["slices_per_s"] / base, "", "slices/s (× vs first)"])
+    print()
+    print(table(rows, ["measurement", "value", "per case / ratio", "fit", "unit"]))
+    print(f"\ninference: start-up {startup:.1f} s paid once, then {per_case:.2f} s per case; {machine()['cpu']}")
+    write_result("scaling", result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Training throughput: the real data path against the same steps on batches already in memory.
+
+    python benchmarks/training.py [--cases 10] [--steps 40] [key=value ...]
+
+* **data path**: ``train_step`` on batches from :func:`brats_psp.training.build_train_loader`
+  (memory-mapped cache -> tumour-ratio sampler -> MONAI 2D augmentations -> workers -> batches),
+  timed from the start of the epoch's iterator, worker start-up included, as ``train`` sees it;
+* **in memory**: the same number of steps on the same batches, collected beforehand;
+* the ratio (goal ≥ 0.9: the data path never starves the network);
+* preprocessing throughput in cases/s, cold (an empty cache) and cached (a second run that
+  verifies and reuses every entry).
+
+The cases are the built-in synthetic set (``--cases`` of them, generated on first use).
+Prints a table and writes ``benchmarks/results/training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import machine, section, table, write_result  # noqa: I001
+
+from brats_psp.config import config_to_dict, load_config
+from brats_psp.data.builtin import ensure_demo_dataset
+from brats_psp.data.preprocess import preprocess_dataset
+from brats_psp.data.slices import split_cases
+from brats_psp.losses import PSPLoss
+from brats_psp.networks import build_network
+from brats_psp.runtime import setup_runtime
+from brats_psp.training import build_optimizer, build_scheduler, build_train_loader, seed_loader_epoch, train_step
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--cases", type=int, default=10, help="built-in synthetic cases to preprocess and train on")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (data path, in memory)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/training.json)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.num_workers=0)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    cfg = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides])
+    runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    print(f"device {runtime.device} ({runtime.precision}), {machine()['cpu']}, {torch.get_num_threads()} threads, "
+          f"{cfg.train.num_workers} workers, batch {cfg.train.batch_size}")
+    result: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "steps": args.steps,
+                              "device": str(runtime.device), "precision": runtime.precision}
+
+    with section(f"{args.cases} built-in cases"):
+        raw = ensure_demo_dataset(cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        with section("preprocessing, cold"):
+            start = time.perf_counter()
+            preprocess_dataset(raw, cache, cfg.data, progress=False)
+            cold = time.perf_counter() - start
+        with section("preprocessing, cached"):
+            start = time.perf_counter()
+            res = preprocess_dataset(raw, cache, cfg.data, progress=False)
+            cached = time.perf_counter() - start
+            assert len(res.reused) == args.cases, res
+        result["preprocess_cases_per_s"] = {"cold": args.cases / cold, "cached": args.cases / cached}
+
+        train_dirs, _ = split_cases(cache, cfg.data.fold)
+        cfg.train.slices_per_epoch = args.steps * cfg.train.batch_size * runtime.world_size
+        loader = build_train_loader(cfg, train_dirs, runtime)
+        model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg, len(loader))
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        loss_fn = PSPLoss(cfg.model.output, alpha=cfg.train.alpha, aux_weight=cfg.train.aux_weight)
+        model.train()
+
+        def steps(batches: Any) -> float:
+            start = time.perf_counter()
+            n = 0
+            for batch in batches:
+                train_step(model, batch, loss_fn, optimizer, scheduler, scaler, cfg, runtime)
+                n += batch["image"].shape[0]
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            return n / (time.perf_counter() - start)
+
+        with section("warm-up"):
+            seed_loader_epoch(loader, 0, cfg, runtime)
+            memory = [b for b in loader]
+            steps(memory[:5])
+        data_path, in_memory = [], []
+        for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
+            with section(f"round {r + 1}: data path, then in memory"):
+                seed_loader_epoch(loader, r + 1, cfg, runtime)
+                data_path.append(steps(loader))
+                in_memory.append(steps(memory))
+                print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s")
+        shutil.rmtree(cache, ignore_errors=True)
+
+    ratio = sum(data_path) / sum(in_memory)
+    result.update({"slices_per_s": {"data_path": data_path, "in_memory": in_memory}, "ratio_data_path_over_in_memory": ratio})
+    rows = [
+        ["training, data path", sum(data_path) / len(data_path), "slices/s"],
+        ["training, batches in memory", sum(in_memory) / len(in_memory), "slices/s"],
+        ["ratio data path / in memory", ratio, "(goal ≥ 0.9)"],
+        ["preprocessing, cold", result["preprocess_cases_per_s"]["cold"], "cases/s"],
+        ["preprocessing, cached", result["preprocess_cases_per_s"]["cached"], "cases/s"],
+    ]
+    print()
+    print(table(rows, ["measurement", "value", "unit"]))
+    write_result("training" if runtime.device.type == "cpu" else "training_cuda", result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
