@@ -23,6 +23,7 @@ time does not depend on the weights). Prints a table and writes ``benchmarks/res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
@@ -75,9 +76,15 @@ class NetworkClock:
             h.remove()
 
 
-def make_case(folder: Path, index: int = 0, seed: int = 4242) -> Path:
-    """One synthetic BraTS 2023 case (240 × 240 × 155, int16) in ``folder/<case id>/``."""
+def make_case(folder: Path, index: int = 0, seed: int = 4242, shape: tuple[int, int, int] | None = None) -> Path:
+    """One synthetic BraTS 2023 case (240 × 240 × 155, int16) in ``folder/<case id>/``.
+
+    ``shape`` centre-crops it (for a quick check of the script, not for numbers).
+    """
     case = generate_case(index, seed=seed, fmt="brats2023")
+    if shape is not None:
+        box = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(case.tissue.shape, shape))
+        case = dataclasses.replace(case, images={m: v[box] for m, v in case.images.items()}, tissue=case.tissue[box])
     write_case(case, folder, fmt="brats2023", with_label=False)
     return folder
 
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed-width", type=int, default=64, help="the seed's ResNet width (64 as published)")
     ap.add_argument("--seed-repeats", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile the project's network (GPU)")
+    ap.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="centre-crop the case (a quick check, not a benchmark)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/inference[_cuda].json)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. infer.tta=true)")
     args = ap.parse_args(argv)
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with section("writing one synthetic BraTS 2023 case"):
-            make_case(tmp / "in")
+            make_case(tmp / "in", shape=tuple(args.shape) if args.shape else None)
         case = discover_cases(tmp / "in").cases[0]
         net = loaded.network.to(device)
         if args.compile:
@@ -178,15 +186,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t_network = timed(run_network, repeats=args.repeats, warmup=1, device=device)
             flops_default = count_flops(run_network)
 
-        with section(f"the seed's way: ResNet-{args.seed_depth} width {args.seed_width}, 155 slices at 240 × 240, fp32, batch 16"):
+        with section(f"the seed's way: ResNet-{args.seed_depth} width {args.seed_width}, every slice at full size, fp32, batch 16"):
             torch.manual_seed(0)
             seed_net = SeedPSPNet(4, args.seed_depth, args.seed_width, (1, 2, 3, 6), "softmax").eval().to(device)
             files = list(case.images)
             with PeakMemory() as mem_seed:
                 t_seed = timed(lambda: seed_way(files, tmp / "seed.nii.gz", seed_net, device), repeats=args.seed_repeats, warmup=0, device=device)
-            x = torch.zeros(1, 4, 240, 240, device=device)
+            shape = nib.load(str(files[0])).shape
+            x = torch.zeros(1, 4, shape[0], shape[1], device=device)
             with torch.no_grad():
-                flops_seed = count_flops(lambda: seed_net(x)) * 155
+                flops_seed = count_flops(lambda: seed_net(x)) * shape[2]
             print(f"   {np.round(t_seed, 2).tolist()} s")
 
     with section("matmul peak"):
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     e2e, net_t, seed_t = median(t_default), median(t_network), median(t_seed)
     result.update(
         {
+            "case_shape": list(shape),
             "seconds": {"default_end_to_end": t_default, "network_inside_end_to_end": net_inside, "network_alone": t_network, "seed_way": t_seed},
             "slices": slices, "slice_shapes": shapes,
             "parameters": {"default": count_parameters(net), "seed": count_parameters(seed_net)},

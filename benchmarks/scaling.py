@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--train-cases", type=int, default=10, help="built-in cases for the training runs")
     ap.add_argument("--train-slices", type=int, default=640, help="slices in the one training epoch")
+    ap.add_argument("--cache-dir", help="data.cache_dir for the training runs (default: the config's)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/scaling.json)")
     args = ap.parse_args(argv)
     python = sys.executable
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"data.demo_cases={args.train_cases}", "train.epochs=1", f"train.slices_per_epoch={args.train_slices}",
                     "train.val_every=1000", f"train.output_dir={out}", "tracking.log_model=false",
                     f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"train.threads={max(1, (os.cpu_count() or 1) // p)}",
-                ]
+                ] + ([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else [])
                 cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p}", "pipelines/run.py", "train",
                        "--config", args.config, *overrides]
                 wall = run(cmd)
