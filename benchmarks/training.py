@@ -35,7 +35,7 @@ from brats_psp.data.slices import split_cases
 from brats_psp.losses import PSPLoss
 from brats_psp.networks import build_network
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import build_optimizer, build_scheduler, build_train_loader, seed_loader_epoch, train_step
+from brats_psp.training import build_optimizer, build_scheduler, build_train_loader, loader_workers, seed_loader_epoch, train_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides])
     runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
     print(f"device {runtime.device} ({runtime.precision}), {machine()['cpu']}, {torch.get_num_threads()} threads, "
-          f"{cfg.train.num_workers} workers, batch {cfg.train.batch_size}")
+          f"{loader_workers(cfg.train.num_workers, runtime)} loader workers (train.num_workers={cfg.train.num_workers}), batch {cfg.train.batch_size}")
     result: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "steps": args.steps,
+                              "loader_workers": loader_workers(cfg.train.num_workers, runtime),
                               "device": str(runtime.device), "precision": runtime.precision}
 
     with section(f"{args.cases} built-in cases"):

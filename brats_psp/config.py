@@ -140,15 +140,16 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int = 0  # torch intra-op threads; 0: all cores
-    num_workers: int = 2
+    num_workers: int = -1  # data-loader processes; -1: auto (see brats_psp.training.loader_workers)
     output_dir: str = "outputs"
 
     def validate(self) -> None:
         for key in ("epochs", "slices_per_epoch", "batch_size", "val_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
-        for key in ("weight_decay", "grad_clip", "alpha", "aux_weight", "threads", "num_workers", "warmup_epochs"):
+        for key in ("weight_decay", "grad_clip", "alpha", "aux_weight", "threads", "warmup_epochs"):
             _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), ">= 0")
+        _check(self.num_workers >= -1, "train.num_workers", self.num_workers, ">= 0, or -1 for auto")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
 
 

@@ -2,7 +2,7 @@
 
 For each case: the preprocessing stored in the checkpoint (the training transforms: RAS,
 crop to the brain, resampling, z-score) -> :func:`brats_psp.inference.predict_volume`
-(slice-wise sliding windows) -> the MONAI inverse of crop, spacing and orientation applied
+(slice-wise sliding windows) -> the MONAI inverse of resampling, crop and orientation applied
 to the region probabilities (bilinear) -> threshold -> BraTS postprocessing -> label map in
 the requested release's convention -> ``OUT/<case>.nii.gz`` (uint8, the input's shape,
 affine and header), written atomically. A case that fails is reported by name; the others go on.

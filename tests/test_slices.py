@@ -126,3 +126,27 @@ def test_slices_of_every_plane_match_what_inference_sees(cache: Path, plane: str
         regions = torch.from_numpy(tissue_to_regions(tissue.select(axis, i).numpy()).astype(np.float32))
         torch.testing.assert_close(s["label"], regions)
         assert s["presence"].tolist() == ds.presence[i].astype(float).tolist()
+
+
+@pytest.mark.parametrize("shape", [(4, 100, 121), (3, 128, 90), (4, 130, 140), (1, 5, 7)])
+def test_pad_to_size_equals_monai_spatial_pad(shape: tuple[int, int, int]) -> None:
+    from monai.transforms import SpatialPadd
+
+    from brats_psp.data.slices import PadToSized
+
+    x = torch.randn(shape)
+    expected = SpatialPadd(keys=["image"], spatial_size=(128, 128))({"image": x})["image"]
+    torch.testing.assert_close(PadToSized(keys=["image"], size=(128, 128))({"image": x})["image"], torch.as_tensor(expected))
+
+
+def test_torch_noise_is_reproducible_and_has_the_asked_std() -> None:
+    from brats_psp.data.slices import RandGaussianNoiseTorchd
+
+    x = torch.zeros(4, 64, 64)
+    noise = RandGaussianNoiseTorchd(keys="image", std=0.05, prob=1.0)
+    a = noise.set_random_state(seed=3)({"image": x})["image"]
+    b = noise.set_random_state(seed=3)({"image": x})["image"]
+    c = noise({"image": x})["image"]
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    assert float(a.std()) == pytest.approx(0.05, rel=0.05) and a.dtype == torch.float32
+    assert torch.equal(RandGaussianNoiseTorchd(keys="image", std=0.05, prob=0.0)({"image": x})["image"], x)
