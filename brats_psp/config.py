@@ -121,7 +121,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, schedule, checkpoints and the hardware to use."""
 
-    epochs: int = 14
+    epochs: int = 16
     slices_per_epoch: int = 2000
     batch_size: int = 16
     lr: float = 2e-3
