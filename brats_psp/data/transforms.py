@@ -4,9 +4,10 @@ The chain (:func:`volume_transforms`)::
 
     LoadBratsCased        four contrasts -> image (4, X, Y, Z) in MODALITIES order, label -> tissue codes (1, X, Y, Z)
     Orientationd          one canonical orientation (RAS)
-    Spacingd              resample to ``data.spacing`` mm (a no-op on 1 mm BraTS data)
-    RequireBraind         refuse a case whose resampled volume has no brain voxel left (a CaseError)
+    RequireBraind         refuse a case with fewer than MIN_BRAIN_VOXELS brain voxels (a CaseError)
     CropForegroundd       crop to the bounding box of the brain (voxels non-zero in any contrast)
+    Spacingd              resample the brain's box to ``data.spacing`` mm (float32; a no-op at 1 mm)
+    RequireBraind         refuse a case whose resampled volume has no brain voxel left
     NormalizeIntensityd   per-channel z-score inside the non-zero mask
 
 Orientation, spacing and crop are MONAI invertible transforms: their inverse, applied to a
@@ -96,20 +97,17 @@ def read_nifti(case_id: str, path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return img, _voxels(case_id, path, img)
 
 
-def _check_finite(case_id: str, path: Path, data: np.ndarray) -> None:
-    if np.isfinite(data.min()) and np.isfinite(data.max()):  # NaN propagates through min, inf shows in min or max
-        return
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    raise CaseError(case_id, path, f"{bad} voxel(s) are NaN or infinite")
+def _finite_range(case_id: str, path: Path, data: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``data``, or a CaseError when a voxel is NaN or infinite (refused, never repaired)."""
+    low, high = float(data.min()), float(data.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # NaN propagates through min, inf shows in min or max
+        raise CaseError(case_id, path, f"{int(np.count_nonzero(~np.isfinite(data)))} voxel(s) are NaN or infinite")
+    return low, high
 
 
 def _read_contrast(case_id: str, path: Path, img: nib.Nifti1Image, out: np.ndarray) -> tuple[float, float]:
-    """Read one contrast into ``out`` and check it (NaN/inf); runs in a reader thread; returns (min, max)."""
-    _voxels(case_id, path, img, out)
-    low, high = float(out.min()), float(out.max())
-    if not (np.isfinite(low) and np.isfinite(high)):  # NaN propagates through min, inf shows in min or max
-        raise CaseError(case_id, path, f"{int(np.count_nonzero(~np.isfinite(out)))} voxel(s) are NaN or infinite")
-    return low, high
+    """Read one contrast into ``out`` and check it; runs in a reader thread; returns (min, max)."""
+    return _finite_range(case_id, path, _voxels(case_id, path, img, out))
 
 
 def _check_not_empty(case_id: str, path: Path, modality: str, low: float, high: float) -> None:
@@ -139,7 +137,7 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
         ref, data = read_nifti(case.case_id, path)
         if data.ndim != 4 or data.shape[3] != len(layout.channel_order):
             raise CaseError(case.case_id, path, f"expected a 4D image with {len(layout.channel_order)} channels, got shape {data.shape}")
-        _check_finite(case.case_id, path, data)
+        _finite_range(case.case_id, path, data)
         order = [layout.channel_order.index(m) for m in MODALITIES]
         image = np.ascontiguousarray(np.moveaxis(data, 3, 0)[order])
         for modality, channel in zip(MODALITIES, image):
