@@ -184,7 +184,7 @@ def loader_workers(requested: int, runtime: Runtime) -> int:
 
     Auto is 0 on a CPU machine with at most 4 cores: there worker processes take cores from
     the training step's threads, and loading in the main process measured faster
-    (``benchmarks/training.py``: 46.8 against 40.3 slices/s with 2 workers on 2 cores). With
+    (``benchmarks/training.py`` on 2 cores: 43.3 slices/s against 35.9 with 2 workers). With
     a GPU, or more cores, it is up to 8, leaving cores for the main process.
     """
     if requested >= 0:
