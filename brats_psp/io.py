@@ -41,6 +41,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries of :func:`atomic_path` that a killed writer left in ``folder``.
+
+    Call it only where no other process is writing (a run's checkpoint folder when the run
+    starts or resumes). Returns what was removed.
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp*") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class OutputFolderError(PermissionError):
     """An output folder cannot be created or written to (the message names the folder)."""
 

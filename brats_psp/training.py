@@ -40,7 +40,7 @@ from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.inference import RegionProbabilities, predict_volume
-from brats_psp.io import write_json
+from brats_psp.io import remove_stale_temporaries, write_json
 from brats_psp.labels import REGION_NAMES, tissue_to_regions
 from brats_psp.losses import LossTerms, PSPLoss
 from brats_psp.metrics import dice
@@ -365,6 +365,9 @@ def train(
     tracker.fallback_dir = run_dir
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if runtime.is_main:
+        for stale in remove_stale_temporaries(ckpt_dir):  # a kill during a checkpoint write leaves one
+            log.warning("removed %s, half written by a run that was killed", stale)
     if resume and runtime.is_main and not best_path.exists() and (ckpt_path.parent / "best.pt").is_file():
         # resumed from a checkpoint outside this run's folder: bring its best model along
         save_checkpoint(best_path, load_checkpoint(ckpt_path.parent / "best.pt"))

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from brats_psp.checkpoint import load_checkpoint
+from brats_psp.io import remove_stale_temporaries
 from tests.conftest import REPO
 from tests.test_training import tiny_data  # noqa: F401  (fixture)
 
@@ -113,3 +114,5 @@ def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: P
         load_checkpoint(tmp)
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'outputs'}"])
     assert find_resume_checkpoint("run1", cfg) == last
+    # what train() does with the run's checkpoint folder when it starts or resumes
+    assert remove_stale_temporaries(ckpt_dir) == [tmp] and not tmp.exists() and last.exists()
