@@ -23,7 +23,7 @@ from monai.inferers import SliceInferer
 from torch import nn
 
 from brats_psp.config import InferConfig
-from brats_psp.data.slices import PLANE_AXES
+from brats_psp.data.slices import PLANE_AXES, centre_pad
 from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
@@ -135,9 +135,9 @@ def _predict_plane(x: torch.Tensor, net: nn.Module, cfg: InferConfig, axis: int,
     size = [x.shape[d + 2] for d in range(3) if d != axis]
     if any(s > r for s, r in zip(size, cfg.roi_size)):
         return _slice_inferer(cfg, axis, batch_size)(x, net).float()
-    (h, w), (rh, rw) = size, cfg.roi_size
-    top, left = (rh - h) // 2, (rw - w) // 2
-    pad = (left, rw - w - left, top, rh - h - top)  # (W before, W after, H before, H after), as MONAI pads
+    h, w = size
+    pad = centre_pad(size, cfg.roi_size)  # (W before, W after, H before, H after), as SliceInferer pads
+    left, top = pad[0], pad[2]
     slices = x[0].movedim(axis + 1, 0)  # S × C × H × W
     out = [
         net(F.pad(slices[i : i + batch_size], pad, value=0.0))[..., top : top + h, left : left + w].float()

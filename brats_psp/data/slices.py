@@ -144,6 +144,16 @@ class CachedVolume:
         return region_presence(regions, axis=axis)
 
 
+def centre_pad(shape: Sequence[int], size: Sequence[int]) -> list[int]:
+    """``F.pad`` widths that zero-pad the last ``len(size)`` axes of ``shape`` to at least ``size``,
+    split evenly before and after with the odd voxel after (MONAI's ``SpatialPad`` symmetric method)."""
+    pads: list[int] = []
+    for n, want in zip(reversed(shape[-len(size):]), reversed(size)):  # F.pad lists the last axis first
+        diff = max(want - n, 0)
+        pads += [diff // 2, diff - diff // 2]
+    return pads
+
+
 class PadToSized(MapTransform):
     """Zero-pad (C, H, W) tensors to at least ``size``, split evenly before and after (MONAI's
     ``SpatialPadd`` symmetric method) with one ``F.pad``: the same output (tested) in 0.30 against
@@ -157,10 +167,7 @@ class PadToSized(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key])
-            pads: list[int] = []
-            for n, want in zip(reversed(img.shape[1:]), reversed(self.size)):  # F.pad lists the last axis first
-                diff = max(want - n, 0)
-                pads += [diff // 2, diff - diff // 2]
+            pads = centre_pad(img.shape, self.size)
             d[key] = torch.nn.functional.pad(img, pads) if any(pads) else img
         return d
 

@@ -4,8 +4,8 @@ The chain (:func:`volume_transforms`)::
 
     LoadBratsCased        four contrasts -> image (4, X, Y, Z) in MODALITIES order, label -> tissue codes (1, X, Y, Z)
     Orientationd          one canonical orientation (RAS)
-    RequireBraind         refuse a case with fewer than MIN_BRAIN_VOXELS brain voxels (a CaseError)
     CropForegroundd       crop to the bounding box of the brain (voxels non-zero in any contrast)
+    RequireBraind         refuse a case with fewer than MIN_BRAIN_VOXELS brain voxels (a CaseError)
     Spacingd              resample the brain's box to ``data.spacing`` mm (float32; a no-op at 1 mm)
     RequireBraind         refuse a case whose resampled volume has no brain voxel left
     NormalizeIntensityd   per-channel z-score inside the non-zero mask
@@ -219,9 +219,9 @@ def nonzero_any(image: torch.Tensor) -> torch.Tensor:
 class RequireBraind(MapTransform):
     """Raise a :class:`CaseError` when the image has no brain voxel (:func:`nonzero_any`) left.
 
-    Runs before the foreground crop and after resampling: without it an empty image, or a
-    brain that resampling wipes out (a few voxels at a coarse ``data.spacing``), fails deep
-    inside MONAI with a message that names neither the case nor the file.
+    Runs after the foreground crop and after resampling: without it a "brain" of a few
+    voxels, or one that resampling wipes out at a coarse ``data.spacing``, fails deep inside
+    MONAI with a message that names neither the case nor the file.
     """
 
     def __init__(self, key: str = "image", spacing: Sequence[float] | None = None, min_voxels: int = 1) -> None:
@@ -255,13 +255,15 @@ def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bo
         [
             LoadBratsCased(with_label=with_label),
             Orientationd(keys=keys, axcodes=AXCODES, labels=_AXIS_LABELS, allow_missing_keys=True),
-            RequireBraind("image", min_voxels=MIN_BRAIN_VOXELS),
             # crop before resampling: both directions of the resampling (here and its inverse
-            # at inference) then touch the brain's box only, about 40 % of a BraTS volume
+            # at inference) then touch the brain's box only, about 40 % of a BraTS volume. The
+            # crop is never empty (an all-zero contrast is refused on loading) and keeps every
+            # brain voxel, so the brain is counted in the box, not in the whole volume.
             CropForegroundd(
                 keys=keys, source_key="image", select_fn=nonzero_any, margin=margin,
                 allow_smaller=True, allow_missing_keys=True,
             ),
+            RequireBraind("image", min_voxels=MIN_BRAIN_VOXELS),
             Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, dtype=np.float32, allow_missing_keys=True),
             RequireBraind("image", spacing),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
