@@ -156,9 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         case = discover_cases(tmp / "in").cases[0]
         shape = nib.load(str(case.images[0])).shape
         net = loaded.network.to(device)
-        if args.compile:
+        if args.compile:  # the clock's hooks go on the compiled wrapper, outside the compiled graph
             loaded.network = torch.compile(net)
-        clock = NetworkClock(net, device)
+        clock = NetworkClock(loaded.network, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
         with section("default inference, end to end"):
             def run_default() -> None:
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t_default = timed(run_default, repeats=args.repeats, warmup=0, device=device)
             net_inside = clock.seconds / args.repeats
             clock.remove()
+        gpu_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         slices = sum(x.shape[0] for x in clock.inputs)
         shapes = sorted({tuple(x.shape[1:]) for x in clock.inputs})
         print(f"   {np.round(t_default, 2).tolist()} s; network inside {net_inside:.2f} s; {slices} slices of {shapes}")
@@ -217,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "flops_per_s": {"default_network": flops_default / net_t, "seed": flops_seed / seed_t},
             "matmul_peak_flops_per_s": {"fp32": peak32, "bf16": peak16},
             "peak_rss_gib": {"default_end_to_end": mem_default.gib, "network_alone": mem_network.gib, "seed_way": mem_seed_gib},
+            "peak_gpu_allocated_gib_default": gpu_peak_gib,
+            "compiled": args.compile,
             "ratios": {
                 "seed_over_default": seed_t / e2e,
                 "overhead_fraction": 1 - net_inside / e2e,
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(goal ≤ 15 %); matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s; "
         f"network at {100 * r['default_fraction_of_fp32_peak']:.0f} % of fp32 peak, seed at {100 * r['seed_fraction_of_fp32_peak']:.0f} %"
     )
+    if gpu_peak_gib is not None:
+        print(f"GPU: {torch.cuda.get_device_name(device)}; peak GPU memory allocated by the default run {gpu_peak_gib:.2f} GiB")
     name = "inference" if device.type == "cpu" else "inference_cuda"
     write_result(name, result, args.out)
     return result

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a machine with a CUDA device (about 6 minutes on an H200):
+#   1. the CUDA tests (tests/test_gpu.py);
+#   2. benchmarks/inference.py on the GPU, eager (default precision: bf16 autocast);
+#   3. benchmarks/training.py on the GPU (data path against batches in memory);
+#   4. benchmarks/inference.py with torch.compile;
+#   5. the fast test suite with the GPU visible (device: auto picks it).
+# Each step has its own time limit, so one that hangs does not take the others with it;
+# each writes <step>.log (and the benchmarks their JSON) to $OUT, and its last lines to stdout.
+#
+#     OUT=/tmp/gpu bash benchmarks/gpu_check.sh     # results and logs in $OUT (default benchmarks/results)
+set -u
+OUT=${OUT:-benchmarks/results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 GIT_PYTHON_REFRESH=quiet PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, log it, keep going
+    local limit=$1 name=$2
+    shift 2
+    echo "== $name ($(date +%T))"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+{ nvidia-smi -L; $PY -c "import torch, monai, mlflow; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__, 'mlflow', mlflow.__version__)"; } 2>&1
+step 180 tests_gpu $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs
+step 150 inference_cuda $PY benchmarks/inference.py --device cuda --repeats 5 --out "$OUT/inference_cuda.json"
+step 150 training_cuda $PY benchmarks/training.py --steps 200 --out "$OUT/training_cuda.json" train.device=cuda
+step 180 inference_cuda_compile $PY benchmarks/inference.py --device cuda --compile --no-seed --repeats 5 --out "$OUT/inference_cuda_compile.json"
+if [ "${SUITE:-1}" = 1 ]; then
+    step 180 suite_gpu $PY -m pytest -q -p no:cacheprovider -n 8 -m "not slow" --deselect tests/test_gpu.py
+fi
