@@ -9,6 +9,7 @@
 # each writes <step>.log (and the benchmarks their JSON) to $OUT, and its last lines to stdout.
 #
 #     OUT=/tmp/gpu bash benchmarks/gpu_check.sh     # results and logs in $OUT (default benchmarks/results)
+#     ONLY="tests_gpu training_cuda" bash benchmarks/gpu_check.sh   # some of the steps
 set -u
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
@@ -17,11 +18,13 @@ export PYTHONUNBUFFERED=1 GIT_PYTHON_REFRESH=quiet PYTHONPATH=$PWD${PYTHONPATH:+
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, log it, keep going
     local limit=$1 name=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     echo "== $name ($(date +%T))"
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/$name.log"
+    grep -aE "^(FAILED|ERROR) |(FAILED|ERROR) +\[" "$OUT/$name.log" | head -n 40
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
@@ -30,6 +33,5 @@ step 180 tests_gpu $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs
 step 150 inference_cuda $PY benchmarks/inference.py --device cuda --repeats 5 --out "$OUT/inference_cuda.json"
 step 150 training_cuda $PY benchmarks/training.py --steps 200 --out "$OUT/training_cuda.json" train.device=cuda
 step 180 inference_cuda_compile $PY benchmarks/inference.py --device cuda --compile --no-seed --repeats 5 --out "$OUT/inference_cuda_compile.json"
-if [ "${SUITE:-1}" = 1 ]; then
-    step 180 suite_gpu $PY -m pytest -q -p no:cacheprovider -n 8 -m "not slow" --deselect tests/test_gpu.py
-fi
+# -v prints each result as it comes, so a suite stopped at its limit still names its failures
+step "${SUITE_LIMIT:-240}" suite_gpu $PY -m pytest -v --tb=short -p no:cacheprovider -n "${SUITE_WORKERS:-8}" -m "not slow" --deselect tests/test_gpu.py

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data.utils import worker_init_fn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -212,20 +211,25 @@ def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) ->
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         num_workers=workers,
-        worker_init_fn=worker_init_fn,
         generator=torch.Generator(),
         pin_memory=runtime.device.type == "cuda",
         drop_last=True,
-        prefetch_factor=4 if workers else None,  # workers are re-forked each epoch: they take that epoch's seeds
+        prefetch_factor=4 if workers else None,
+        # the sampler seeds every sample's augmentations, so workers need no per-epoch seeds
+        # and live across epochs instead of being forked again at each one
+        persistent_workers=workers > 0,
     )
 
 
 def seed_loader_epoch(loader: DataLoader, epoch: int, cfg: Config, runtime: Runtime) -> None:
-    """Every random draw of an epoch (slices, augmentations, dropout) follows from (seed, epoch)."""
+    """Every random draw of an epoch (slices, augmentations, dropout) follows from (seed, epoch).
+
+    The sampler's draw gives the slices and each one's augmentation seed; the loader's
+    generator and torch's seed cover the rest (worker base seeds, dropout).
+    """
     loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     assert loader.generator is not None
     loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
-    loader.dataset.transform.set_random_state(seed=(cfg.train.seed * 100_003 + epoch * 7919 + runtime.rank) % 2**32)  # type: ignore[attr-defined]
     torch.manual_seed(cfg.train.seed * 100_003 + epoch + runtime.rank)
 
 

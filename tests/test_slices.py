@@ -10,7 +10,7 @@ import torch
 
 from brats_psp.config import DataConfig
 from brats_psp.data.preprocess import preprocess_dataset
-from brats_psp.data.slices import SliceDataset, TumourRatioSampler, slice_transforms, split_cases
+from brats_psp.data.slices import SliceDataset, TumourRatioSampler, random_states, slice_transforms, split_cases
 from brats_psp.labels import REGION_NAMES, Tissue, tissue_to_regions
 
 
@@ -77,7 +77,7 @@ def test_sampler_draws_the_tumour_ratio(ratio: float) -> None:
     has_tumour = np.zeros(1000, bool)
     has_tumour[::10] = True  # 10 % of slices contain tumour
     sampler = TumourRatioSampler(has_tumour, num_samples=2000, ratio=ratio, seed=1)
-    picks = np.fromiter(sampler, int)
+    picks = np.fromiter((i for i, _ in sampler), int)
     assert len(picks) == 2000
     assert has_tumour[picks].mean() == pytest.approx(ratio, abs=1e-3)
 
@@ -93,6 +93,44 @@ def test_sampler_epochs_and_shards() -> None:
     shards = [list(TumourRatioSampler(has_tumour, 64, 0.5, seed=2, rank=r, world_size=2)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 32
     assert sorted(shards[0] + shards[1]) == sorted(first)
+
+
+def test_a_sample_seed_fixes_its_augmentation_whatever_the_transform_drew_before(cache: Path) -> None:
+    train, _ = split_cases(cache, fold=0)
+    cfg = DataConfig(slice_size=[40, 40], rotate_deg=20, scale_range=0.15)
+    a = SliceDataset(train, transform=slice_transforms(cfg, train=True))
+    b = SliceDataset(train, transform=slice_transforms(cfg, train=True))
+    assert len(random_states(a.transform)) > len(a.transform.transforms) // 2  # nested states (RandAffined) included
+    i = int(np.flatnonzero(a.has_tumour)[0])
+    for _ in range(3):
+        b[(i + 1, 99)]  # b's transforms have drawn other numbers before
+    first, again, other = a[(i, 7)], b[(i, 7)], a[(i, 8)]
+    torch.testing.assert_close(first["image"], again["image"])
+    torch.testing.assert_close(first["label"], again["label"])
+    assert not torch.equal(first["image"], other["image"])
+
+
+def test_loader_batches_do_not_depend_on_the_workers(cache: Path) -> None:
+    """Per-sample seeds: 0 workers, and 2 persistent workers over two epochs, give the same batches."""
+    from torch.utils.data import DataLoader
+
+    train, _ = split_cases(cache, fold=0)
+    ds = SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[40, 40]), train=True))
+    sampler = TumourRatioSampler(ds.has_tumour, 12, 0.5, seed=3)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            out += [b["image"] for b in loader]
+        return out
+
+    main, workers = epochs(0), epochs(2)
+    assert len(main) == len(workers) == 6
+    for x, y in zip(main, workers):
+        torch.testing.assert_close(x, y)
+    assert not torch.equal(main[0], main[3])  # epochs differ
 
 
 def test_sampler_refuses_bad_arguments() -> None:
