@@ -2,8 +2,9 @@
 
 For each case: the preprocessing stored in the checkpoint (the training transforms: RAS,
 crop to the brain, resampling, z-score) -> :func:`brats_psp.inference.predict_volume`
-(slice-wise sliding windows) -> the MONAI inverse of resampling, crop and orientation applied
-to the region probabilities (bilinear) -> threshold -> BraTS postprocessing -> label map in
+(slice-wise sliding windows) -> the MONAI inverse of resampling (bilinear, on the region
+probabilities in the box around the tumour, see :func:`tissue_on_input_grid`) -> threshold ->
+the inverse crop and orientation -> BraTS postprocessing -> label map in
 the requested release's convention -> ``OUT/<case>.nii.gz`` (uint8, the input's shape,
 affine and header), written atomically. A case that fails is reported by name; the others go on.
 
@@ -14,8 +15,10 @@ the run's ``checkpoints/best.pt`` artifact, so every path loads with ``weights_o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms import InvertibleTransform, SpatialResample, Spacingd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -120,9 +124,61 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
 
 def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:
     """Invert crop, spacing and orientation on region probabilities (3 × X × Y × Z)."""
-    meta = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    ops = copy.deepcopy(list(image.applied_operations))  # MONAI's inverses pop from them
+    meta = MetaTensor(probs, meta=dict(image.meta), applied_operations=ops)
     back = chain.inverse({"image": meta})["image"]
     return np.asarray(back.detach().cpu().numpy() if hasattr(back, "detach") else back)
+
+
+def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, threshold: float) -> np.ndarray:
+    """uint8 tissue map on the input's grid, resampling only the box around the tumour.
+
+    The same labels as thresholding :func:`_to_input_grid`'s probabilities, for a fraction of
+    the cost (the full inverse resamples three float channels over the whole input grid).
+    Linear interpolation never exceeds its neighbours, so a voxel whose neighbours are all at
+    or below ``threshold`` stays background: only the box of voxels above it, one voxel wider
+    for the interpolation's reach, is resampled back (MONAI's ``SpatialResample``, with the
+    mode, padding and corners the forward resampling used). The crop and the orientation are
+    then undone by the chain's own inverses, on the uint8 labels.
+    """
+    ops = copy.deepcopy(list(image.applied_operations))  # MONAI's inverses pop from them
+    spacing = next((t for t in chain.transforms if isinstance(t, Spacingd)), None)
+    if spacing is None or not ops or ops[-1]["class"] != "SpatialResample":
+        return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
+    info = ops[-1]["extra_info"]
+    src_affine = torch.as_tensor(info["src_affine"], dtype=torch.float64)  # the grid before resampling
+    size = [int(n) for n in ops[-1]["orig_size"]]
+    tissue = torch.zeros(size, dtype=torch.uint8)
+    above = (probs > threshold).any(0)
+    affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    to_resampled = torch.linalg.solve(affine, src_affine)  # input voxel -> resampled voxel: scale and shift
+    if not torch.allclose(to_resampled[:3, :3], torch.diag(torch.diagonal(to_resampled[:3, :3])), atol=1e-6):
+        return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
+    if above.any():
+        box_in, box_out = [], []
+        for d, n in enumerate(above.shape):
+            hits = torch.nonzero(above.any(dim=[a for a in range(3) if a != d])).flatten()
+            lo, hi = max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, n)  # one voxel wider each side
+            scale, shift = float(to_resampled[d, d]), float(to_resampled[d, 3])
+            first = 0 if lo == 0 else max(0, math.ceil((lo - shift) / scale))  # edges: padding repeats them
+            last = size[d] if hi == n else min(size[d], math.floor((hi - 1 - shift) / scale) + 1)
+            box_in.append(slice(lo, hi))
+            box_out.append(slice(first, max(first, last)))
+        if all(b.stop > b.start for b in box_out):
+            start_in = torch.eye(4, dtype=torch.float64)
+            start_in[:3, 3] = torch.tensor([float(b.start) for b in box_in], dtype=torch.float64)
+            start_out = torch.eye(4, dtype=torch.float64)
+            start_out[:3, 3] = torch.tensor([float(b.start) for b in box_out], dtype=torch.float64)
+            sub = MetaTensor(probs[(slice(None), *box_in)].contiguous(), affine=affine @ start_in)
+            resample = SpatialResample(mode=info["mode"], padding_mode=info["padding_mode"], align_corners=info["align_corners"], dtype=torch.float32)
+            with resample.trace_transform(False):
+                back = resample(sub, dst_affine=src_affine @ start_out, spatial_size=[b.stop - b.start for b in box_out])
+            tissue[tuple(box_out)] = torch.from_numpy(probabilities_to_tissue(torch.as_tensor(back.as_tensor()), threshold))
+    data = {"image": MetaTensor(tissue[None], affine=src_affine, applied_operations=ops[:-1])}
+    for t in reversed(chain.transforms):
+        if isinstance(t, InvertibleTransform) and t is not spacing:
+            data = t.inverse(data)
+    return np.asarray(data["image"].as_tensor()[0].numpy(), dtype=np.uint8)
 
 
 def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime) -> Path:
@@ -137,9 +193,12 @@ def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfi
     data = apply_transforms(chain, {"case": case})
     image = data["image"]
     probs = predict_volume(loaded.network, image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
-    probs_in = _to_input_grid(probs, image, chain)
     ref = nib.load(str(case.images[0]))  # the input's grid: shape, affine and header of the output
-    tissue = probabilities_to_tissue(probs_in, cfg.threshold)
+    if cfg.save_probabilities:
+        probs_in = _to_input_grid(probs, image, chain)
+        tissue = probabilities_to_tissue(probs_in, cfg.threshold)
+    else:
+        tissue = tissue_on_input_grid(probs, image, chain, cfg.threshold)
     tissue = postprocess(tissue, cfg)
     release = case.layout if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)

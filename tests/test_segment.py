@@ -207,3 +207,48 @@ def test_slices_larger_than_the_window_slide_with_monai(checkpoint: Path) -> Non
     cfg = load_config(None, ["infer.roi_size=[16,16]", "infer.overlap=0.5"]).infer
     probs = predict_volume(load_model(str(checkpoint)).network, torch.randn(4, 40, 35, 5), cfg, setup_runtime("cpu", "fp32"))
     assert probs.shape == (3, 40, 35, 5) and 0 <= float(probs.min()) and float(probs.max()) <= 1
+
+
+def _smooth_probabilities(shape: tuple[int, ...], seed: int, edge: bool) -> torch.Tensor:
+    """3 × shape probabilities with a few blobs above 0.5 (one at the volume's edge if ``edge``)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=(3, *shape)), sigma=(0, 3, 3, 3))
+    probs = 1 / (1 + np.exp(-(field / field.std() - 1.5) * 3))
+    if edge:
+        probs[:, :4, :, :3] = 0.9
+    return torch.from_numpy(probs.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "affine, spacing, edge",
+    [
+        (None, [1.5, 1.5, 1.5], False),
+        (None, [1.5, 1.5, 1.5], True),
+        (np.diag([1.2, 0.9, 2.5, 1.0]), [2.0, 1.0, 1.5], True),  # anisotropic, RAS on disk
+        (np.array([[0, 0, 1.0, 5], [-1.0, 0, 0, 3], [0, -1.1, 0, 7], [0, 0, 0, 1]]), [1.0, 1.5, 1.3], False),  # permuted axes
+    ],
+)
+def test_labels_from_the_tumour_box_equal_the_whole_inverse(tmp_path: Path, affine: np.ndarray | None, spacing: list[float], edge: bool) -> None:
+    """Resampling only the box around the tumour gives the labels of inverting every voxel."""
+    from brats_psp.data.transforms import apply_transforms, volume_transforms
+    from brats_psp.inference import probabilities_to_tissue
+    from brats_psp.segment import _to_input_grid, tissue_on_input_grid
+
+    kwargs = {} if affine is None else {"affine": affine}
+    write_case(tmp_path / "raw", "brats2021", "BraTS2021_00000", shape=(44, 40, 30), **kwargs)
+    case = discover_cases(tmp_path / "raw").cases[0]
+    chain = volume_transforms(spacing, with_label=False)
+    image = apply_transforms(chain, {"case": case})["image"]
+    for seed in range(3):
+        probs = _smooth_probabilities(tuple(image.shape[1:]), seed, edge)
+        whole = probabilities_to_tissue(_to_input_grid(probs, image, chain), 0.5)
+        box = tissue_on_input_grid(probs, image, chain, 0.5)
+        assert box.shape == whole.shape == (44, 40, 30) and box.dtype == np.uint8
+        assert (whole > 0).sum() > 50
+        np.testing.assert_array_equal(box, whole)
+    empty = tissue_on_input_grid(torch.zeros(3, *image.shape[1:]), image, chain, 0.5)
+    assert empty.shape == (44, 40, 30) and not empty.any()
+    full = tissue_on_input_grid(torch.ones(3, *image.shape[1:]), image, chain, 0.5)
+    np.testing.assert_array_equal(full, probabilities_to_tissue(_to_input_grid(torch.ones(3, *image.shape[1:]), image, chain), 0.5))
