@@ -2,10 +2,11 @@
 
     python benchmarks/training.py [--cases 10] [--steps 40] [key=value ...]
 
-* **data path**: ``train_step`` on batches from :func:`brats_psp.training.build_train_loader`
-  (memory-mapped cache -> tumour-ratio sampler -> MONAI 2D augmentations -> workers -> batches),
-  timed from the start of the epoch's iterator, worker start-up included, as ``train`` sees it;
-* **in memory**: the same number of steps on the same batches, collected beforehand;
+* **data path**: ``train_step`` on batches from :func:`brats_psp.training.augmented_batches`
+  (memory-mapped cache -> tumour-ratio sampler -> random crops -> loader (workers) -> device ->
+  batch augmentations), timed from the start of the epoch's iterator, as ``train`` sees it;
+* **in memory**: the same number of steps on the same batches, augmented and on the device
+  beforehand (the network's step alone);
 * the ratio (goal ≥ 0.9: the data path never starves the network);
 * preprocessing throughput in cases/s, cold (an empty cache) and cached (a second run that
   verifies and reuses every entry).
@@ -29,13 +30,22 @@ import torch
 from common import machine, section, table, write_result  # noqa: I001
 
 from brats_psp.config import config_to_dict, load_config
+from brats_psp.data.augment import BatchAugment
 from brats_psp.data.builtin import ensure_demo_dataset
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.data.slices import split_cases
 from brats_psp.losses import PSPLoss
 from brats_psp.networks import build_network
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import build_optimizer, build_scheduler, build_train_loader, loader_workers, seed_loader_epoch, train_step
+from brats_psp.training import (
+    augmented_batches,
+    build_optimizer,
+    build_scheduler,
+    build_train_loader,
+    loader_workers,
+    seed_loader_epoch,
+    train_step,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -92,15 +102,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.cuda.synchronize()
             return n / (time.perf_counter() - start)
 
+        augment = BatchAugment(cfg.data)
         with section("warm-up"):
             seed_loader_epoch(loader, 0, cfg, runtime)
-            memory = [b for b in loader]
+            memory = list(augmented_batches(loader, augment, 0, cfg, runtime))
             steps(memory[:5])
         data_path, in_memory = [], []
         for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
             with section(f"round {r + 1}: data path, then in memory"):
                 seed_loader_epoch(loader, r + 1, cfg, runtime)
-                data_path.append(steps(loader))
+                data_path.append(steps(augmented_batches(loader, augment, r + 1, cfg, runtime)))
                 in_memory.append(steps(memory))
                 print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s")
         shutil.rmtree(cache, ignore_errors=True)

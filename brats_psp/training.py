@@ -1,7 +1,8 @@
 """The training stage: PSPNet on axial slices, validated on whole volumes, tracked in MLflow.
 
 :func:`train` is the whole stage as a Python API; ``python pipelines/run.py train`` calls it.
-One epoch draws ``train.slices_per_epoch`` slices with :class:`TumourRatioSampler`; every
+One epoch draws ``train.slices_per_epoch`` slices with :class:`TumourRatioSampler`, augmented in
+batches on the device (:class:`~brats_psp.data.augment.BatchAugment`); every
 ``train.val_every`` epochs (and after the last) the model segments the validation volumes with
 :func:`brats_psp.inference.predict_volume`, the code the infer stage uses, and reports Dice per
 region. Each epoch ends with an atomic ``last.pt`` (and ``best.pt`` when validation improved);
@@ -20,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from brats_psp.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from brats_psp.config import Config, config_to_dict, save_config
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
+from brats_psp.data.augment import BatchAugment, batch_seed
 from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.inference import RegionProbabilities, predict_volume
@@ -196,9 +198,10 @@ def loader_workers(requested: int, runtime: Runtime) -> int:
 
 
 def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) -> DataLoader:
-    """The training data path: cached volumes -> tumour-ratio sampler -> 2D augmentations -> batches.
+    """The training data path: cached volumes -> tumour-ratio sampler -> random crops -> batches
+    (augmented on the device by :func:`augmented_batches`).
 
-    Workers (``train.num_workers``, see :func:`loader_workers`) augment while the main process
+    Workers (``train.num_workers``, see :func:`loader_workers`) read while the main process
     trains, ``prefetch_factor`` batches ahead each; batches are pinned for a GPU.
     """
     workers = loader_workers(cfg.train.num_workers, runtime)
@@ -215,7 +218,7 @@ def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) ->
         pin_memory=runtime.device.type == "cuda",
         drop_last=True,
         prefetch_factor=4 if workers else None,
-        # the sampler seeds every sample's augmentations, so workers need no per-epoch seeds
+        # the sampler seeds every sample's random crop, so workers need no per-epoch seeds
         # and live across epochs instead of being forked again at each one
         persistent_workers=workers > 0,
     )
@@ -224,13 +227,26 @@ def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) ->
 def seed_loader_epoch(loader: DataLoader, epoch: int, cfg: Config, runtime: Runtime) -> None:
     """Every random draw of an epoch (slices, augmentations, dropout) follows from (seed, epoch).
 
-    The sampler's draw gives the slices and each one's augmentation seed; the loader's
-    generator and torch's seed cover the rest (worker base seeds, dropout).
+    The sampler's draw gives the slices and each one's crop seed, :func:`augmented_batches`
+    seeds each batch's augmentations from (seed, epoch, step); the loader's generator and
+    torch's seed cover the rest (worker base seeds, dropout).
     """
     loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     assert loader.generator is not None
     loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
     torch.manual_seed(cfg.train.seed * 100_003 + epoch + runtime.rank)
+
+
+def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
+    """The batch's tensors on the runtime's device (asynchronous from pinned memory)."""
+    return {k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def augmented_batches(loader: DataLoader, augment: BatchAugment, epoch: int, cfg: Config, runtime: Runtime) -> Iterator[dict[str, Any]]:
+    """The loader's batches on the device, augmented there; batch ``i`` of ``epoch`` always
+    draws the same augmentations (:func:`~brats_psp.data.augment.batch_seed`)."""
+    for step, batch in enumerate(loader):
+        yield augment(to_device(batch, runtime), batch_seed(cfg.train.seed, epoch, step, runtime.rank))
 
 
 def train_step(
@@ -244,9 +260,9 @@ def train_step(
     runtime: Runtime,
 ) -> LossTerms:
     """One optimisation step on one batch (channels-last, autocast, clipping, scheduler)."""
-    image = batch["image"].to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    label = batch["label"].to(runtime.device, non_blocking=True)
-    presence = batch["presence"].to(runtime.device, non_blocking=True)
+    batch = to_device(batch, runtime)
+    image = batch["image"].contiguous(memory_format=torch.channels_last)
+    label, presence = batch["label"], batch["presence"]
     optimizer.zero_grad(set_to_none=True)
     with autocast(runtime):
         out = model(image)
@@ -270,13 +286,15 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     cfg: Config,
     runtime: Runtime,
-    desc: str,
+    epoch: int,
     progress: bool,
 ) -> dict[str, float]:
     model.train()
     sums = {"loss": 0.0, "seg_loss": 0.0, "class_loss": 0.0, "aux_loss": 0.0}
     slices, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
+    batches = augmented_batches(loader, BatchAugment(cfg.data), epoch, cfg, runtime)
+    desc = f"epoch {epoch + 1}/{cfg.train.epochs}"
+    bar = tqdm(batches, total=len(loader), desc=desc, unit="batch", leave=False, disable=not progress)
     for batch in bar:
         terms = train_step(model, batch, loss_fn, optimizer, scheduler, scaler, cfg, runtime)
         n = batch["image"].shape[0]
@@ -404,9 +422,7 @@ def train(
         for epoch in range(start_epoch, cfg.train.epochs):
             # every random draw of the epoch follows from (seed, epoch): resuming reproduces it
             seed_loader_epoch(loader, epoch, cfg, runtime)
-            metrics = _train_epoch(
-                model, loader, loss_fn, optimizer, scheduler, scaler, cfg, runtime, f"epoch {epoch + 1}/{cfg.train.epochs}", progress
-            )
+            metrics = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, runtime, epoch, progress)
             improved = False
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                 val, example = validate(model, val_dirs, cfg, runtime, progress)

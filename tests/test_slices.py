@@ -55,21 +55,18 @@ def test_context_slices_stack_neighbours(cache: Path) -> None:
     torch.testing.assert_close(first[0:4], first[4:8])  # edge slice repeated
 
 
-def test_augmentations_keep_targets_consistent(cache: Path) -> None:
+def test_random_crops_keep_targets_consistent(cache: Path) -> None:
     train, _ = split_cases(cache, fold=0)
-    cfg = DataConfig(slice_size=[40, 40], rotate_deg=20, scale_range=0.15)
-    transform = slice_transforms(cfg, train=True)
-    transform.set_random_state(seed=0)
-    ds = SliceDataset(train, transform=transform)
-    tumour = np.flatnonzero(ds.has_tumour)
+    ds = SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[16, 16]), train=True))
+    centre = SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[16, 16]), train=False))
     changed = 0
-    for i in tumour[:20]:
-        s = ds[int(i)]
-        assert s["image"].shape == (4, 40, 40) and s["label"].shape == (3, 40, 40)
+    for k, i in enumerate(np.flatnonzero(ds.has_tumour)[:20]):
+        s = ds[(int(i), k)]
+        assert s["image"].shape == (4, 16, 16) and s["label"].shape == (3, 16, 16)
         assert set(torch.unique(s["label"]).tolist()) <= {0.0, 1.0}
         assert s["presence"].tolist() == s["label"].flatten(1).amax(1).tolist()
-        changed += int(not torch.equal(s["label"], SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[40, 40]), False))[int(i)]["label"]))
-    assert changed > 0  # augmentation did something
+        changed += int(not torch.equal(s["label"], centre[int(i)]["label"]))
+    assert changed > 0  # the crops moved
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.8, 1.0])
@@ -95,12 +92,12 @@ def test_sampler_epochs_and_shards() -> None:
     assert sorted(shards[0] + shards[1]) == sorted(first)
 
 
-def test_a_sample_seed_fixes_its_augmentation_whatever_the_transform_drew_before(cache: Path) -> None:
+def test_a_sample_seed_fixes_its_crop_whatever_the_transform_drew_before(cache: Path) -> None:
     train, _ = split_cases(cache, fold=0)
-    cfg = DataConfig(slice_size=[40, 40], rotate_deg=20, scale_range=0.15)
+    cfg = DataConfig(slice_size=[16, 16])
     a = SliceDataset(train, transform=slice_transforms(cfg, train=True))
     b = SliceDataset(train, transform=slice_transforms(cfg, train=True))
-    assert len(random_states(a.transform)) > len(a.transform.transforms) // 2  # nested states (RandAffined) included
+    assert len(random_states(a.transform)) >= 2  # the crop's and the cropper's inside it
     i = int(np.flatnonzero(a.has_tumour)[0])
     for _ in range(3):
         b[(i + 1, 99)]  # b's transforms have drawn other numbers before
@@ -115,7 +112,7 @@ def test_loader_batches_do_not_depend_on_the_workers(cache: Path) -> None:
     from torch.utils.data import DataLoader
 
     train, _ = split_cases(cache, fold=0)
-    ds = SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[40, 40]), train=True))
+    ds = SliceDataset(train, transform=slice_transforms(DataConfig(slice_size=[16, 16]), train=True))
     sampler = TumourRatioSampler(ds.has_tumour, 12, 0.5, seed=3)
 
     def epochs(workers: int) -> list[torch.Tensor]:
@@ -175,16 +172,3 @@ def test_pad_to_size_equals_monai_spatial_pad(shape: tuple[int, int, int]) -> No
     x = torch.randn(shape)
     expected = SpatialPadd(keys=["image"], spatial_size=(128, 128))({"image": x})["image"]
     torch.testing.assert_close(PadToSized(keys=["image"], size=(128, 128))({"image": x})["image"], torch.as_tensor(expected))
-
-
-def test_torch_noise_is_reproducible_and_has_the_asked_std() -> None:
-    from brats_psp.data.slices import RandGaussianNoiseTorchd
-
-    x = torch.zeros(4, 64, 64)
-    noise = RandGaussianNoiseTorchd(keys="image", std=0.05, prob=1.0)
-    a = noise.set_random_state(seed=3)({"image": x})["image"]
-    b = noise.set_random_state(seed=3)({"image": x})["image"]
-    c = noise({"image": x})["image"]
-    assert torch.equal(a, b) and not torch.equal(b, c)
-    assert float(a.std()) == pytest.approx(0.05, rel=0.05) and a.dtype == torch.float32
-    assert torch.equal(RandGaussianNoiseTorchd(keys="image", std=0.05, prob=0.0)({"image": x})["image"], x)

@@ -1,0 +1,133 @@
+"""Training augmentations of a whole batch at once, in torch, on the device the network trains on.
+
+The loader only crops each slice (:func:`brats_psp.data.slices.slice_transforms`); the rest
+runs here on the batch, in the order MONAI's dictionary transforms would apply it per slice,
+with the same distributions:
+
+====================  =====================================================  ============
+step                  what (per slice)                                       probability
+====================  =====================================================  ============
+flip                  along H, then along W (``RandFlipd``)                  ``data.flip_prob`` each
+rotation and scale    one angle in ±``rotate_deg``, a scale per axis in      0.5
+                      1 ± ``scale_range``; bilinear image, nearest label,
+                      zero padding (``RandAffined``)
+intensity scale       × (1 + U(±``intensity_scale``)) per channel            0.5
+                      (``RandScaleIntensityd``)
+intensity shift       + U(±``intensity_shift``) per channel                  0.5
+                      (``RandShiftIntensityd``)
+gamma                 γ in ``gamma_range`` on the min-max-scaled slice,      0.3
+                      mean and std kept (``RandAdjustContrastd``)
+Gaussian noise        σ = ``noise_std``                                      0.3
+====================  =====================================================  ============
+
+Why not per slice in the loader: on the 2-core benchmark machine MONAI's per-slice chain
+cost about 2.5 ms a slice on one core, in the time of the training step; a batch of 16 here
+takes a fraction of that, on every core (``benchmarks/training.py``). With a GPU it runs
+there, and the loader's workers only read and crop.
+
+Every draw comes from one seed per batch (see :func:`batch_seed`): a resumed run repeats it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from brats_psp.config import DataConfig
+
+__all__ = ["BatchAugment", "affine_warp", "batch_seed"]
+
+#: Probabilities of the steps without a config key (MONAI's usual choices, as before).
+AFFINE_PROB, SCALE_PROB, SHIFT_PROB, GAMMA_PROB, NOISE_PROB = 0.5, 0.5, 0.5, 0.3, 0.3
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """The augmentation seed of one batch: a function of (train seed, epoch, step, rank) alone."""
+    return (seed * 1_000_003 + epoch * 10_007 + step * 101 + rank * 7_919) % 2**63
+
+
+def affine_warp(x: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rotate (radians) and scale B × C × H × W slices about their centre, in pixel units.
+
+    Output pixel ``p`` (centred) samples the input at ``R(angle) · diag(scale) · p``, as MONAI's
+    ``Affine`` does; ``scales`` is B × 2 in (H, W) order. Zero padding outside the slice.
+    """
+    b, _, h, w = x.shape
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    sh, sw = scales[:, 0], scales[:, 1]
+    # pixel-space matrix in (row, col) = (H, W) coordinates: R @ S
+    m = torch.stack([torch.stack([cos * sh, -sin * sw], -1), torch.stack([sin * sh, cos * sw], -1)], -2)
+    # affine_grid works in (x, y) = (W, H) order on coordinates normalised by the size
+    # (align_corners=False: n = 2c / size for a centred pixel coordinate c)
+    to_xy = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=m.dtype, device=m.device)
+    norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h], dtype=m.dtype, device=m.device))
+    unnorm = torch.diag(torch.tensor([w / 2.0, h / 2.0], dtype=m.dtype, device=m.device))
+    theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, :, :2] = norm @ to_xy @ m @ to_xy @ unnorm
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+class BatchAugment:
+    """The training augmentations (table above) of ``{"image", "label", "presence"}`` batches.
+
+    ``image`` B × C × H × W float, ``label`` B × 3 × H × W region masks, on any device;
+    ``presence`` (the auxiliary head's targets) is recomputed from the augmented labels.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.augment
+
+    def __call__(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        if not self.cfg.augment:
+            return batch
+        cfg = self.cfg
+        image, label = batch["image"], batch["label"]
+        b, c = image.shape[:2]
+        g = torch.Generator().manual_seed(seed)  # parameters are drawn on the CPU, then moved
+
+        def chosen(p: float) -> torch.Tensor:
+            return torch.nonzero(torch.rand(b, generator=g) < p).flatten().to(image.device)
+
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return (low + (high - low) * torch.rand(*shape, generator=g, dtype=torch.float64)).to(image.device, image.dtype)
+
+        image, label = image.clone(), label.clone()
+        for dim in (-2, -1):
+            if cfg.flip_prob > 0 and len(i := chosen(cfg.flip_prob)):
+                image[i], label[i] = image[i].flip(dim), label[i].flip(dim)
+        if (cfg.rotate_deg > 0 or cfg.scale_range > 0) and len(i := chosen(AFFINE_PROB)):
+            angles = uniform(-math.radians(cfg.rotate_deg), math.radians(cfg.rotate_deg), len(i)).float()
+            scales = uniform(1 - cfg.scale_range, 1 + cfg.scale_range, len(i), 2).float()
+            image[i] = affine_warp(image[i], angles, scales, "bilinear")
+            label[i] = affine_warp(label[i], angles, scales, "nearest")
+        if cfg.intensity_scale > 0 and len(i := chosen(SCALE_PROB)):
+            image[i] *= 1 + uniform(-cfg.intensity_scale, cfg.intensity_scale, len(i), c)[..., None, None]
+        if cfg.intensity_shift > 0 and len(i := chosen(SHIFT_PROB)):
+            image[i] += uniform(-cfg.intensity_shift, cfg.intensity_shift, len(i), c)[..., None, None]
+        low, high = cfg.gamma_range
+        if (low, high) != (1.0, 1.0) and len(i := chosen(GAMMA_PROB)):
+            image[i] = _gamma(image[i], uniform(low, high, len(i)))
+        if cfg.noise_std > 0 and len(i := chosen(NOISE_PROB)):
+            noise = torch.randn(len(i), *image.shape[1:], generator=g).to(image.device, image.dtype)
+            image[i] += noise * cfg.noise_std
+        presence = label.flatten(2).amax(2)
+        return {**batch, "image": image, "label": label, "presence": presence}
+
+
+def _gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``AdjustContrast(retain_stats=True)`` per slice: min-max scale, ^gamma, rescale,
+    then restore the slice's mean and std."""
+    flat = x.flatten(1)
+    mean, std = flat.mean(1), flat.std(1)
+    low, high = flat.amin(1), flat.amax(1)
+    span = (high - low)[:, None]
+    y = ((flat - low[:, None]) / (span + 1e-7)).clamp_min(0) ** gamma[:, None] * span + low[:, None]
+    y = (y - y.mean(1, keepdim=True)) / (y.std(1, keepdim=True) + 1e-8) * std[:, None] + mean[:, None]
+    return y.view_as(x)
