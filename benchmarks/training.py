@@ -29,23 +29,13 @@ import torch
 
 from common import machine, section, table, write_result  # noqa: I001
 
-from brats_psp.config import config_to_dict, load_config
+from brats_psp.config import load_config
 from brats_psp.data.augment import BatchAugment
 from brats_psp.data.builtin import ensure_demo_dataset
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.data.slices import split_cases
-from brats_psp.losses import PSPLoss
-from brats_psp.networks import build_network
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import (
-    augmented_batches,
-    build_optimizer,
-    build_scheduler,
-    build_train_loader,
-    loader_workers,
-    seed_loader_epoch,
-    train_step,
-)
+from brats_psp.training import Trainer, augmented_batches, build_train_loader, loader_workers, seed_loader_epoch, train_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -85,18 +75,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dirs, _ = split_cases(cache, cfg.data.fold)
         cfg.train.slices_per_epoch = args.steps * cfg.train.batch_size * runtime.world_size
         loader = build_train_loader(cfg, train_dirs, runtime)
-        model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg, len(loader))
-        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-        loss_fn = PSPLoss(cfg.model.output, alpha=cfg.train.alpha, aux_weight=cfg.train.aux_weight)
-        model.train()
+        trainer = Trainer.build(cfg, runtime, len(loader))
+        trainer.model.train()
 
         def steps(batches: Any) -> float:
             start = time.perf_counter()
             n = 0
             for batch in batches:
-                train_step(model, batch, loss_fn, optimizer, scheduler, scaler, cfg, runtime)
+                train_step(trainer, batch)
                 n += batch["image"].shape[0]
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize()

@@ -49,7 +49,7 @@ from brats_psp.networks import build_network, count_parameters
 from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
 from brats_psp.tracking import RunTracker, git_commit
 
-__all__ = ["TrainResult", "train", "validate", "build_optimizer", "build_scheduler", "find_resume_checkpoint"]
+__all__ = ["TrainResult", "Trainer", "train", "train_step", "validate", "build_optimizer", "build_scheduler", "find_resume_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -249,54 +249,78 @@ def augmented_batches(loader: DataLoader, augment: BatchAugment, epoch: int, cfg
         yield augment(to_device(batch, runtime), batch_seed(cfg.train.seed, epoch, step, runtime.rank))
 
 
-def train_step(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    loss_fn: PSPLoss,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    scaler: torch.amp.GradScaler,
-    cfg: Config,
-    runtime: Runtime,
-) -> LossTerms:
+@dataclass
+class Trainer:
+    """What an optimisation step works on: the network, its optimiser, schedule and gradient
+    scaler, the loss, and the settings."""
+
+    model: nn.Module
+    loss_fn: PSPLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    cfg: Config
+    runtime: Runtime
+
+    @classmethod
+    def build(cls, cfg: Config, runtime: Runtime, steps_per_epoch: int) -> Trainer:
+        """A fresh network (channels-last, on the runtime's device) and everything around it."""
+        model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, cfg)
+        return cls(
+            model=model,
+            loss_fn=PSPLoss(cfg.model.output, alpha=cfg.train.alpha, aux_weight=cfg.train.aux_weight),
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
+            scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16),
+            cfg=cfg,
+            runtime=runtime,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def train_step(trainer: Trainer, batch: dict[str, torch.Tensor]) -> LossTerms:
     """One optimisation step on one batch (channels-last, autocast, clipping, scheduler)."""
-    batch = to_device(batch, runtime)
+    t, cfg = trainer, trainer.cfg
+    batch = to_device(batch, t.runtime)
     image = batch["image"].contiguous(memory_format=torch.channels_last)
-    label, presence = batch["label"], batch["presence"]
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(runtime):
-        out = model(image)
-    terms = loss_fn(out, label, presence)
-    scaler.scale(terms.total).backward()
+    t.optimizer.zero_grad(set_to_none=True)
+    with autocast(t.runtime):
+        out = t.model(image)
+    terms = t.loss_fn(out, batch["label"], batch["presence"])
+    t.scaler.scale(terms.total).backward()
     if cfg.train.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+        t.scaler.unscale_(t.optimizer)
+        nn.utils.clip_grad_norm_(t.model.parameters(), cfg.train.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
     return terms
 
 
-def _train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: PSPLoss,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    scaler: torch.amp.GradScaler,
-    cfg: Config,
-    runtime: Runtime,
-    epoch: int,
-    progress: bool,
-) -> dict[str, float]:
-    model.train()
+def _train_epoch(trainer: Trainer, loader: DataLoader, epoch: int, progress: bool) -> dict[str, float]:
+    cfg, runtime = trainer.cfg, trainer.runtime
+    trainer.model.train()
     sums = {"loss": 0.0, "seg_loss": 0.0, "class_loss": 0.0, "aux_loss": 0.0}
     slices, start = 0, time.perf_counter()
     batches = augmented_batches(loader, BatchAugment(cfg.data), epoch, cfg, runtime)
     desc = f"epoch {epoch + 1}/{cfg.train.epochs}"
     bar = tqdm(batches, total=len(loader), desc=desc, unit="batch", leave=False, disable=not progress)
     for batch in bar:
-        terms = train_step(model, batch, loss_fn, optimizer, scheduler, scaler, cfg, runtime)
+        terms = train_step(trainer, batch)
         n = batch["image"].shape[0]
         slices += n
         for key, value in zip(sums, terms):
@@ -306,7 +330,7 @@ def _train_epoch(
     metrics = {f"train/{k}": v / max(1, slices) for k, v in sums.items()}
     metrics = _reduce_mean(metrics, runtime)
     metrics["train/slices_per_s"] = slices * runtime.world_size / elapsed
-    metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+    metrics["train/lr"] = trainer.optimizer.param_groups[0]["lr"]
     return metrics
 
 
@@ -361,22 +385,16 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError(f"train.slices_per_epoch={cfg.train.slices_per_epoch} is less than one batch of {cfg.train.batch_size} per process")
 
-    model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    loss_fn = PSPLoss(cfg.model.output, alpha=cfg.train.alpha, aux_weight=cfg.train.aux_weight)
+    trainer = Trainer.build(cfg, runtime, steps_per_epoch)
     start_epoch, best, best_epoch, history, run_id = 0, -1.0, -1, [], None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        trainer.load_state_dict(state)
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
         history, run_id = list(state["history"]), state.get("run_id")
         set_rng_state(state["rng"])
     if runtime.distributed:
-        model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        trainer.model = DistributedDataParallel(trainer.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    model = trainer.model
 
     tracker = RunTracker(cfg, enabled=runtime.is_main)
     default_name = f"{cfg.model.name}-r{cfg.model.depth}w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -422,7 +440,7 @@ def train(
         for epoch in range(start_epoch, cfg.train.epochs):
             # every random draw of the epoch follows from (seed, epoch): resuming reproduces it
             seed_loader_epoch(loader, epoch, cfg, runtime)
-            metrics = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, runtime, epoch, progress)
+            metrics = _train_epoch(trainer, loader, epoch, progress)
             improved = False
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                 val, example = validate(model, val_dirs, cfg, runtime, progress)
@@ -435,10 +453,7 @@ def train(
             history.append({"epoch": epoch, **metrics})
             if runtime.is_main:
                 ckpt = {
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
+                    **trainer.state_dict(),
                     "epoch": epoch,
                     "best_metric": best,
                     "best_epoch": best_epoch,

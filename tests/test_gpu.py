@@ -17,11 +17,10 @@ from mlflow.tracking import MlflowClient
 from brats_psp.config import Config, config_to_dict, load_config
 from brats_psp.data.discovery import discover_cases
 from brats_psp.inference import predict_volume
-from brats_psp.losses import PSPLoss
 from brats_psp.networks import build_network
 from brats_psp.runtime import setup_runtime
 from brats_psp.segment import load_model, segment_cases
-from brats_psp.training import build_optimizer, build_scheduler, train, train_step
+from brats_psp.training import Trainer, train, train_step
 from tests.conftest import REPO, write_case
 from tests.test_training import smoke_config
 
@@ -49,22 +48,19 @@ def test_gpu_probabilities_match_the_cpu(precision: str, max_mean_diff: float) -
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_lower_the_loss_on_one_batch(precision: str) -> None:
     """bf16 autocast, and fp16 with its gradient scaler, fit one fixed batch."""
-    net, cfg = _network()
+    _, cfg = _network()
     cfg.train.precision = precision
     runtime = setup_runtime("cuda", precision)
     assert runtime.precision == precision
-    model = net.train().to(runtime.device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, 100)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.dtype == torch.float16)
-    loss_fn = PSPLoss(cfg.model.output, alpha=cfg.train.alpha, aux_weight=cfg.train.aux_weight)
+    trainer = Trainer.build(cfg, runtime, steps_per_epoch=100)
+    trainer.model.train()
     g = torch.Generator().manual_seed(0)
     image = torch.randn(8, 4, 64, 64, generator=g)
     label = torch.zeros(8, 3, 64, 64)
     label[:, :, 20:40, 24:44] = 1.0
     image[:, :, 20:40, 24:44] += 2.0  # a bright square the network can learn to find
     batch = {"image": image.pin_memory(), "label": label.pin_memory(), "presence": torch.ones(8, 3).pin_memory()}
-    losses = [float(train_step(model, batch, loss_fn, optimizer, scheduler, scaler, cfg, runtime).total.detach()) for _ in range(30)]
+    losses = [float(train_step(trainer, batch).total.detach()) for _ in range(30)]
     assert all(np.isfinite(losses)), losses
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
