@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
@@ -44,6 +45,38 @@ _MAX_PARAM_CHARS = 6000
 #: Where a run keeps the MLflow calls that failed, and where they go once replayed.
 PENDING_FILE = "mlflow_pending.jsonl"
 REPLAYED_FILE = "mlflow_pending.replayed.jsonl"
+#: A training run keeps this file in its folder while it runs: its process id and host.
+RUNNING_FILE = "training.running"
+
+
+def mark_running(run_dir: Path) -> None:
+    """Record that this process is training ``run_dir`` (see :func:`training_process`)."""
+    write_text(Path(run_dir) / RUNNING_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def clear_running(run_dir: Path) -> None:
+    (Path(run_dir) / RUNNING_FILE).unlink(missing_ok=True)
+
+
+def training_process(run_dir: Path) -> str | None:
+    """Who is still training ``run_dir`` ("process N on HOST"), or ``None``.
+
+    A marker left by a killed run (its process gone) does not count; a marker from another
+    host counts, since it cannot be checked from here.
+    """
+    try:
+        info = json.loads((Path(run_dir) / RUNNING_FILE).read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return f"process {pid} on {host}"
 
 
 def resolve_tracking_uri(cfg: Config) -> str | None:
@@ -282,7 +315,7 @@ def _read_pending(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def replay_pending(run_dir_or_file: str | os.PathLike, tracking_uri: str | None = None) -> int:
+def replay_pending(run_dir_or_file: str | os.PathLike, tracking_uri: str | None = None, force: bool = False) -> int:
     """Send the MLflow calls kept in ``<run dir>/mlflow_pending.jsonl``; return how many were sent.
 
     Calls go to the run they were made for when the server has it (the server went down during
@@ -292,16 +325,23 @@ def replay_pending(run_dir_or_file: str | os.PathLike, tracking_uri: str | None 
     again; artifacts are uploaded from their files; a model is rebuilt from its checkpoint.
 
     On success the file is renamed to ``mlflow_pending.replayed.jsonl`` (appended to, if one exists),
-    so a second replay sends nothing. When a call fails, the calls not sent yet stay in the pending
-    file, with the run created for them filled in, and :class:`ReplayError` says which call failed.
+    so a second replay sends nothing, and the run's checkpoints that were written without a run
+    id get the id of the run created for them. When a call fails, the calls not sent yet stay in
+    the pending file, with the run created for them filled in, and :class:`ReplayError` says
+    which call failed. A run that is still training is refused (its file is still growing).
 
     Args:
         run_dir_or_file: a training run folder (``outputs/<run>``) or its pending file.
         tracking_uri: where to send them (default: the URI recorded with the calls).
+        force: replay even when the run's folder says it is still being trained (a marker
+            from another host, or a process id reused after the trainer died).
     """
     from mlflow.tracking import MlflowClient
 
     path = _pending_path(run_dir_or_file)
+    trainer = training_process(path.parent)
+    if trainer and not force:
+        raise ReplayError(f"{path.parent} is still being trained by {trainer}; replay its MLflow calls once it has ended (or force it)")
     if not path.is_file():
         done = path.with_name(REPLAYED_FILE)
         log.info("%s: no pending MLflow calls%s", path, f" (those replayed before are in {done})" if done.exists() else "")
@@ -329,7 +369,21 @@ def replay_pending(run_dir_or_file: str | os.PathLike, tracking_uri: str | None 
     else:
         os.replace(path, done)
     log.info("sent %d pending MLflow call(s) to run(s) %s at %s; kept as %s", len(records), sorted(set(runs.values())), uri, done)
+    if None in runs:
+        _fill_checkpoint_run_ids(path.parent / "checkpoints", runs[None])
     return len(records)
+
+
+def _fill_checkpoint_run_ids(ckpt_dir: Path, run_id: str) -> None:
+    """Give the checkpoints an offline run wrote (``run_id: None``) the run created on replay."""
+    from brats_psp.checkpoint import load_checkpoint, save_checkpoint
+
+    for ckpt in sorted(ckpt_dir.glob("*.pt")):
+        state = load_checkpoint(ckpt)
+        if state.get("run_id") is None:
+            state["run_id"] = run_id
+            save_checkpoint(ckpt, state)
+            log.info("%s now names MLflow run %s", ckpt, run_id)
 
 
 def _target_run(client: Any, record: Mapping[str, Any], runs: dict[str | None, str]) -> str:

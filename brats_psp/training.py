@@ -47,7 +47,7 @@ from brats_psp.losses import LossTerms, PSPLoss
 from brats_psp.metrics import dice
 from brats_psp.networks import build_network, count_parameters
 from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
-from brats_psp.tracking import RunTracker, git_commit
+from brats_psp.tracking import RunTracker, clear_running, git_commit, mark_running
 
 __all__ = ["TrainResult", "Trainer", "train", "train_step", "validate", "build_optimizer", "build_scheduler", "find_resume_checkpoint"]
 
@@ -411,6 +411,8 @@ def train(
     if resume and runtime.is_main and not best_path.exists() and (ckpt_path.parent / "best.pt").is_file():
         # resumed from a checkpoint outside this run's folder: bring its best model along
         save_checkpoint(best_path, load_checkpoint(ckpt_path.parent / "best.pt"))
+    if runtime.is_main:
+        mark_running(run_dir)  # sync-mlflow waits for the end of the run
     status = "FAILED"
     try:
         if runtime.is_main:
@@ -490,6 +492,8 @@ def train(
         status = "FINISHED"
     finally:
         tracker.end(status)
+        if runtime.is_main:
+            clear_running(run_dir)
         shutdown(runtime)
     return TrainResult(run_id, run_dir, best_path, last_path, best, history)
 

@@ -158,7 +158,7 @@ def sync_mlflow(args: argparse.Namespace) -> int:
     from brats_psp.tracking import ReplayError, replay_pending
 
     try:
-        sent = replay_pending(args.run_dir, args.tracking_uri)
+        sent = replay_pending(args.run_dir, args.tracking_uri, force=args.force)
     except ReplayError as err:
         log.error("%s", err)
         return 1
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="OUTPUT_RUN_DIR", help="the run folder (outputs/<run>) or its mlflow_pending.jsonl")
     p.add_argument("--tracking-uri", help="where to send them (default: the URI the run used)")
+    p.add_argument("--force", action="store_true", help="replay even if the run's folder says it is still training")
     return parser
 
 

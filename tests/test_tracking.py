@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -12,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from brats_psp.checkpoint import load_checkpoint
-from brats_psp.tracking import PENDING_FILE, ReplayError, RunTracker, replay_pending
+from brats_psp.tracking import PENDING_FILE, RUNNING_FILE, ReplayError, RunTracker, replay_pending, training_process
 from brats_psp.training import train
 from tests.conftest import run_cli
 from tests.mlflow_server import MlflowServer, free_port
@@ -65,9 +68,14 @@ def test_server_down_training_finishes_and_keeps_the_metrics_then_replays(
     _fail_fast(monkeypatch)
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     cfg = smoke_config(tmp_path, f"tracking.uri={dead}", "train.epochs=1", "tracking.experiment=down_test", "tracking.run_name=offline-run")
+    markers: list[str | None] = []
     with caplog.at_level(logging.WARNING, logger="brats_psp"):
-        result = train(cfg, data=tiny_data, progress=False)
+        result = train(cfg, data=tiny_data, progress=False, on_epoch_end=lambda e, m: markers.extend(
+            training_process(d) for d in Path(cfg.train.output_dir).iterdir()))
     assert result.best_checkpoint.is_file() and result.run_id is None and result.run_dir.name.startswith("offline-")
+    assert markers == [f"process {os.getpid()} on {socket.gethostname()}"]  # while it trained
+    assert not (result.run_dir / RUNNING_FILE).exists() and training_process(result.run_dir) is None
+    assert load_checkpoint(result.best_checkpoint)["run_id"] is None
     pending = _pending(result.run_dir)
     assert pending[0]["call"] == "start_run" and pending[0]["run_name"] == "offline-run"
     logged = [p for p in pending if p["call"] == "log_metrics"]
@@ -93,6 +101,8 @@ def test_server_down_training_finishes_and_keeps_the_metrics_then_replays(
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # rebuilt from best.pt and logged
     assert model(torch.zeros(1, 4, 24, 40)).shape == (1, 3, 24, 40)
     assert not (result.run_dir / PENDING_FILE).exists() and (result.run_dir / "mlflow_pending.replayed.jsonl").is_file()
+    for ckpt in (result.best_checkpoint, result.last_checkpoint):  # the offline checkpoints now name the run
+        assert load_checkpoint(ckpt)["run_id"] == run.info.run_id
     assert replay_pending(result.run_dir, server.uri) == 0
     assert len(client.search_runs([client.get_experiment_by_name("down_test").experiment_id])) == 1
 
@@ -162,3 +172,32 @@ def test_a_replay_that_fails_half_way_resumes_without_a_second_run(
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     replayed = (tmp_path / "run" / "mlflow_pending.replayed.jsonl").read_text().splitlines()
     assert len(replayed) == 2
+
+
+def test_sync_mlflow_waits_for_a_run_that_is_still_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live trainer's marker stops the replay; a killed trainer's marker does not; --force overrides."""
+    _fail_fast(monkeypatch)
+    cfg = smoke_config(tmp_path, f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.experiment=busy")
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(cfg, fallback_dir=run_dir)
+    tracker.start(run_name="busy")
+    tracker.log_metrics({"a": 1.0}, step=0)
+    tracker.end("FINISHED")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+
+    (run_dir / RUNNING_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(ReplayError, match=f"still being trained by process {os.getpid()}"):
+        replay_pending(run_dir, store)
+    assert run_cli("sync-mlflow", str(run_dir), "--tracking-uri", store) == 1
+    assert (run_dir / PENDING_FILE).is_file()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a trainer killed with -9 leaves its marker behind
+    (run_dir / RUNNING_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    assert training_process(run_dir) is None
+    (run_dir / RUNNING_FILE).write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    assert training_process(run_dir) == "process 1 on another-host"
+    assert run_cli("sync-mlflow", str(run_dir), "--tracking-uri", store, "--force") == 0
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("busy").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "a")] == [1.0]
