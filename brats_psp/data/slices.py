@@ -2,13 +2,15 @@
 
 * :class:`SliceDataset` reads one slice (and its 2.5D neighbours) from the cache with a
   memory map, builds the WT/TC/ET region masks and the per-slice presence targets of the
-  auxiliary class head, and applies the 2D MONAI transforms of :func:`slice_transforms`.
+  auxiliary class head, and applies the 2D MONAI transforms of :func:`slice_transforms` (pad,
+  and a random crop for training; the augmentations run on whole batches,
+  :mod:`brats_psp.data.augment`).
 * :class:`TumourRatioSampler` draws a fixed number of slices per epoch, a configured
   fraction of them from slices that contain tumour; sharded across processes for DDP.
-  It yields ``(index, seed)`` pairs: the dataset reseeds the augmentations with each
-  sample's seed (:func:`reseed`), so a sample's augmentation follows from (train seed,
-  epoch, position) alone, whichever process, worker or resumed run draws it. That is
-  what lets the loader keep its workers alive across epochs.
+  It yields ``(index, seed)`` pairs: the dataset reseeds its random transforms with each
+  sample's seed (:func:`reseed`), so a sample's crop follows from (train seed, epoch,
+  position) alone, whichever process, worker or resumed run draws it. That is what lets
+  the loader keep its workers alive across epochs.
 
 A sample is ``{"image": float32 (4·(2k+1), H, W), "label": float32 (3, H, W) region masks,
 "presence": float32 (3,), "case_id": str, "z": int}``.
@@ -220,10 +222,10 @@ _STATES: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], list[np.random.Ra
 def reseed(transform: Compose, seed: int) -> None:
     """Seed every random state of ``transform`` from one ``seed``, in place.
 
-    MONAI's ``set_random_state`` builds new ``RandomState`` objects (2 ms for the training
-    chain on the 2-core benchmark machine); reseeding the existing ones takes 2 µs each. The
-    list of states is found once per chain and found again when ``set_random_state`` has
-    replaced them.
+    MONAI's ``set_random_state`` builds new ``RandomState`` objects (about 120 µs each on the
+    2-core benchmark machine, 2 ms for a chain of MONAI's per-slice augmentations); reseeding
+    the existing ones takes 2 µs each. The list of states is found once per chain and found
+    again when ``set_random_state`` has replaced them.
     """
     key = tuple(id(t.R) for t in transform.transforms if isinstance(t, Randomizable))
     cached = _STATES.get(transform)
@@ -265,8 +267,8 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         """Slice ``item``, or ``(index, seed)`` (as :class:`TumourRatioSampler` yields): the
-        augmentations are reseeded with ``seed`` first, so the sample does not depend on what
-        the transforms drew before."""
+        random transforms are reseeded with ``seed`` first, so the sample does not depend on
+        what they drew before."""
         i, seed = (item, None) if isinstance(item, (int, np.integer)) else item
         v, axis, z = (int(x) for x in self.index[i])
         vol = self.volumes[v]
@@ -295,7 +297,7 @@ class TumourRatioSampler(Sampler[tuple[int, int]]):
     """Draw ``num_samples`` slices per epoch, a ``ratio`` of them from slices with tumour.
 
     The rest come from slices without tumour. Yields ``(index, seed)`` pairs, the seed being
-    that sample's augmentation seed (see :meth:`SliceDataset.__getitem__`). With several
+    that sample's seed for the dataset's random transforms (see :meth:`SliceDataset.__getitem__`). With several
     processes each rank gets its own disjoint share of one shared draw (``num_samples`` in
     all). Call :meth:`set_epoch` at every epoch for a new draw; a given (seed, epoch) always
     gives the same pairs.
