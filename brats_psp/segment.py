@@ -147,13 +147,13 @@ def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, thr
         return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
     info = ops[-1]["extra_info"]
     src_affine = torch.as_tensor(info["src_affine"], dtype=torch.float64)  # the grid before resampling
-    size = [int(n) for n in ops[-1]["orig_size"]]
-    tissue = torch.zeros(size, dtype=torch.uint8)
-    above = (probs > threshold).any(0)
     affine = torch.as_tensor(image.affine, dtype=torch.float64)
     to_resampled = torch.linalg.solve(affine, src_affine)  # input voxel -> resampled voxel: scale and shift
     if not torch.allclose(to_resampled[:3, :3], torch.diag(torch.diagonal(to_resampled[:3, :3])), atol=1e-6):
         return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
+    size = [int(n) for n in ops[-1]["orig_size"]]
+    tissue = torch.zeros(size, dtype=torch.uint8)
+    above = (probs > threshold).any(0)
     if above.any():
         box_in, box_out = [], []
         for d, n in enumerate(above.shape):

@@ -81,10 +81,6 @@ class BatchAugment:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
 
-    @property
-    def enabled(self) -> bool:
-        return self.cfg.augment
-
     def __call__(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         if not self.cfg.augment:
             return batch
