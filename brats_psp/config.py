@@ -166,6 +166,7 @@ class InferConfig:
     threshold: float = 0.5
     small_et_voxels: int = 0  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
+    min_component_fraction: float = 0.0  # drop tumour components smaller than this fraction of the largest; 0 disables
     labels: Literal["input", "brats2021", "brats2023", "msd"] = "input"
     save_probabilities: bool = False
 
@@ -177,6 +178,7 @@ class InferConfig:
         _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "infer.planes", self.planes, "a subset of axial, coronal, sagittal")
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")
+        _check(0.0 <= self.min_component_fraction < 1.0, "infer.min_component_fraction", self.min_component_fraction, "in [0, 1)")
 
 
 @dataclass

@@ -105,16 +105,21 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     """BraTS postprocessing of a tissue map (in place and returned).
 
     * ``min_component_voxels``: tumour components (WT, 26-connected) smaller than this are removed.
+    * ``min_component_fraction``: tumour components smaller than this fraction of the largest one
+      are removed (stray false positives far from the lesion; a multifocal tumour's large foci stay).
     * ``small_et_voxels``: when the whole prediction has fewer ET voxels than this, they become NCR
       (the rule that wins points on cases without enhancing tumour).
     """
-    if cfg.min_component_voxels > 0:
+    if cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0:
         labelled, n = ndimage.label(tissue > 0, structure=np.ones((3, 3, 3), bool))
         if n:
             sizes = np.bincount(labelled.ravel())
-            small = np.flatnonzero(sizes < cfg.min_component_voxels)
+            sizes[0] = 0
+            limit = max(cfg.min_component_voxels, cfg.min_component_fraction * int(sizes.max()))
+            small = np.flatnonzero(sizes < limit)
             small = small[small > 0]
-            tissue[np.isin(labelled, small)] = Tissue.BACKGROUND
+            if len(small):
+                tissue[np.isin(labelled, small)] = Tissue.BACKGROUND
     if cfg.small_et_voxels > 0:
         et = tissue == Tissue.ET
         if 0 < int(et.sum()) < cfg.small_et_voxels:

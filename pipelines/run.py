@@ -49,9 +49,11 @@ def _report_failures(failures: Sequence[CaseError], what: str) -> int:
 
 @stage("demo-data")
 def demo_data(args: argparse.Namespace) -> int:
+    from brats_psp.data.release import default_workers
     from brats_psp.data.synthetic import write_dataset
 
-    ids = write_dataset(args.out, args.cases, seed=args.seed, fmt=args.format, progress=True)
+    workers = args.workers if args.workers > 0 else default_workers()
+    ids = write_dataset(args.out, args.cases, seed=args.seed, fmt=args.format, progress=True, workers=workers)
     log.info("wrote %d synthetic %s case(s) to %s", len(ids), args.format, args.out)
     return 0
 
@@ -184,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (case i is the same for any --cases)")
     p.add_argument("--format", choices=["brats2021", "brats2023", "msd"], default="brats2021", help="release layout")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per available core)")
 
     p = add("preprocess", "run the volume transforms once per case and cache slices, a datalist and a summary")
     p.add_argument("--data", required=True, help="dataset folder (any layout), case folder or datalist JSON")

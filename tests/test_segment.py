@@ -252,3 +252,18 @@ def test_labels_from_the_tumour_box_equal_the_whole_inverse(tmp_path: Path, affi
     assert empty.shape == (44, 40, 30) and not empty.any()
     full = tissue_on_input_grid(torch.ones(3, *image.shape[1:]), image, chain, 0.5)
     np.testing.assert_array_equal(full, probabilities_to_tissue(_to_input_grid(torch.ones(3, *image.shape[1:]), image, chain), 0.5))
+
+
+def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
+    t = np.zeros((30, 30, 30), np.uint8)
+    t[2:12, 2:12, 2:12] = Tissue.ED  # 1000 voxels: the main lesion
+    t[5:8, 5:8, 5:8] = Tissue.ET
+    t[20:26, 20:26, 20:26] = Tissue.NCR  # 216 voxels: a second focus (21.6 % of the largest)
+    t[28, 2, 2] = Tissue.ET  # a stray voxel
+    frac = load_config(None, ["infer.min_component_fraction=0.1"]).infer
+    out = postprocess(t.copy(), frac)
+    assert out[28, 2, 2] == 0
+    np.testing.assert_array_equal(out[:27], t[:27])  # both foci kept whole
+    strict = load_config(None, ["infer.min_component_fraction=0.5"]).infer
+    out = postprocess(t.copy(), strict)
+    assert (out[20:26, 20:26, 20:26] == 0).all() and (out[2:12, 2:12, 2:12] == t[2:12, 2:12, 2:12]).all()

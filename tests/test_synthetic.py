@@ -13,8 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from scipy import ndimage as ndi
+
 from brats_psp.data import synthetic
 from brats_psp.data.layouts import LAYOUTS, MODALITIES
+from brats_psp.data.synthetic.anatomy import SITE_WEIGHTS, STRUCTURES, atrophy, load_template, random_geometry, warp_anatomy
+from brats_psp.data.synthetic.lesion import plan_lesions
 from brats_psp.data.synthetic import (
     BRATS_AFFINE,
     BRATS_SHAPE,
@@ -135,35 +139,108 @@ def test_cases_differ(cases: list[SyntheticCase]) -> None:
 # --------------------------------------------------------------------------- contrasts
 
 
-def test_contrast_rules(cases: list[SyntheticCase]) -> None:
-    checked = {"et": 0, "ed": 0, "ncr": 0}
-    for case in cases:
-        wm = _normal_wm(case)
-        mean = {m: {"wm": case.images[m][_SUB][wm].mean()} for m in MODALITIES}
-        box = _lesion_box(case)
-        tissue = case.tissue[box]
-        for name, code in (("ncr", Tissue.NCR), ("ed", Tissue.ED), ("et", Tissue.ET)):
-            region = tissue == code
-            if region.sum() < 100:
-                continue
-            checked[name] += 1
+def _class_means(case: SyntheticCase) -> dict[str, dict[str, float]]:
+    """Mean of each contrast over normal white matter and over each label with >= 100 voxels."""
+    wm = _normal_wm(case)
+    mean = {m: {"wm": float(case.images[m][_SUB][wm].mean())} for m in MODALITIES}
+    box = _lesion_box(case)
+    tissue = case.tissue[box]
+    for name, code in (("ncr", Tissue.NCR), ("ed", Tissue.ED), ("et", Tissue.ET)):
+        region = tissue == code
+        if region.sum() >= 100:
             for m in MODALITIES:
-                mean[m][name] = case.images[m][box][region].mean()
-        # Normal tissue: WM is among the brightest on T1 and among the darkest on T2.
+                mean[m][name] = float(case.images[m][box][region].mean())
+    return mean
+
+
+def test_robust_contrast_rules(cases: list[SyntheticCase]) -> None:
+    # Only the cues that hold on every scanner are fixed: enhancement brighter on T1ce than on
+    # T1 (relative to white matter), edema bright on FLAIR and T2, the order of normal tissue.
+    checked = {"et": 0, "ed": 0}
+    for case in cases:
+        mean = _class_means(case)
         for m, brighter in (("t1", True), ("t2", False)):
             sub = case.images[m][_SUB]
             assert (mean[m]["wm"] > np.median(sub[sub > 0])) == brighter, (case.case_id, m)
         if "et" in mean["t1ce"]:
-            assert mean["t1ce"]["et"] > 1.3 * mean["t1ce"]["wm"], case.case_id
+            checked["et"] += 1
+            t1ce_ratio = mean["t1ce"]["et"] / mean["t1ce"]["wm"]
+            assert t1ce_ratio > 1.0, (case.case_id, t1ce_ratio)  # a mean over the label: partial volume at the rim
+            assert t1ce_ratio > 1.1 * mean["t1"]["et"] / mean["t1"]["wm"], case.case_id
         if "ed" in mean["flair"]:
-            assert mean["flair"]["ed"] > 1.3 * mean["flair"]["wm"], case.case_id
-            assert mean["t2"]["ed"] > 1.3 * mean["t2"]["wm"], case.case_id
-            assert mean["t1"]["ed"] < mean["t1"]["wm"], case.case_id
-        if "ncr" in mean["t1"]:
-            assert mean["t1"]["ncr"] < 0.85 * mean["t1"]["wm"], case.case_id
-            assert mean["t1ce"]["ncr"] < mean["t1ce"]["wm"], case.case_id
-            assert mean["t2"]["ncr"] > mean["t2"]["wm"], case.case_id
+            checked["ed"] += 1
+            assert mean["flair"]["ed"] > 1.15 * mean["flair"]["wm"], case.case_id
+            assert mean["t2"]["ed"] > 1.15 * mean["t2"]["wm"], case.case_id
     assert min(checked.values()) >= 3, checked
+
+
+def test_appearance_changes_across_cases(cases: list[SyntheticCase]) -> None:
+    # SynthSeg-style randomisation: the relative intensities of tissues differ from case to
+    # case, widely (a core may be darker than edema on FLAIR in one case, as bright in another).
+    gm_wm = []
+    core_ed = []
+    for case in cases:
+        mean = _class_means(case)
+        t1 = case.images["t1"][_SUB]
+        brain = (t1 > 0) & (case.tissue[_SUB] == 0)
+        gm_wm.append(np.percentile(t1[brain], 30) / mean["t1"]["wm"])
+        if "ncr" in mean["flair"] and "ed" in mean["flair"]:
+            core_ed.append(mean["flair"]["ncr"] / mean["flair"]["ed"])
+    assert max(gm_wm) - min(gm_wm) > 0.1, gm_wm
+    assert len(core_ed) >= 3 and max(core_ed) / min(core_ed) > 1.3, core_ed
+
+
+def test_non_tumour_enhancing_structures_are_background(cases: list[SyntheticCase]) -> None:
+    # Vessels, sinuses, choroid plexus and dura are bright on T1ce, far from any lesion, labelled 0.
+    for case in cases[:4]:
+        t1ce = case.images["t1ce"].astype(np.float32)
+        wm = _normal_wm(case)
+        ref = float(t1ce[_SUB][wm].mean())
+        lesion = ndi.binary_dilation(case.tissue > 0, iterations=10)
+        bright = (t1ce > 1.3 * ref) & ~lesion
+        assert bright.sum() > 300, (case.case_id, int(bright.sum()))
+        assert not (case.tissue[bright] > 0).any()
+
+
+def test_anatomy_structures_and_atrophy() -> None:
+    tpl = load_template()
+    rng = np.random.default_rng(3)
+    geo = random_geometry(rng, tpl)
+    anatomy = warp_anatomy(rng, tpl, geo, [])
+    inside = anatomy.brain
+    np.testing.assert_allclose((anatomy.csf + anatomy.gm + anatomy.wm)[inside], 1.0, atol=1e-4)
+    for name in STRUCTURES:
+        weight = anatomy.structures[name]
+        assert weight.max() > 0.5, name  # each structure is drawn
+        assert not weight[~inside].any(), name  # inside the brain only
+    # The choroid plexus lies in the ventricles (CSF), the vessels mostly in sulcal CSF.
+    assert anatomy.csf[anatomy.structures["choroid"] > 0.5].mean() > 0.5
+    # Atrophy grows the CSF into the tissue around it.
+    csf_before = float(anatomy.csf.sum())
+    atrophy(np.random.default_rng(0), anatomy, level=2.0)
+    assert float(anatomy.csf.sum()) > 1.2 * csf_before
+    np.testing.assert_allclose((anatomy.csf + anatomy.gm + anatomy.wm)[inside], 1.0, atol=1e-4)
+
+
+def test_lesion_sites_sizes_and_kinds_cover_the_ranges() -> None:
+    # 240 lesion plans (cheap: no drawing): every glioma region is used, frontal and temporal
+    # most, radii from a few mm to over 20 mm, the three kinds and the core interiors.
+    tpl = load_template()
+    plans = []
+    for i in range(240):
+        rng = np.random.default_rng([99, i])
+        plans += plan_lesions(rng, i, random_geometry(rng, tpl), tpl)
+    regions = [p.region for p in plans]
+    counts = {r: regions.count(r) for r in SITE_WEIGHTS}
+    assert all(counts[r] > 0 for r in SITE_WEIGHTS), counts
+    assert counts["frontal"] > counts["cerebellum"] and counts["temporal"] > counts["brainstem"], counts
+    radii = np.array([p.radii.mean() for p in plans])
+    assert radii.min() < 4.0 and radii.max() > 20.0, (radii.min(), radii.max())
+    core_ml = 4.0 / 3.0 * np.pi * np.prod([p.radii for p in plans], axis=1) / 1000.0
+    assert core_ml.min() < 0.5 and core_ml.max() > 40.0
+    assert {p.kind for p in plans} == {"gbm", "solid", "lgg"}
+    assert {p.interior for p in plans} >= {"necrotic", "cystic", "haemorrhagic", "solid", "net"}
+    assert len(plans) > 240  # some cases are multifocal
 
 
 def test_flair_suppresses_csf(cases: list[SyntheticCase]) -> None:
@@ -189,7 +266,7 @@ def test_variety(cases: list[SyntheticCase]) -> None:
     assert sum(v > 0 for v in et) >= N_CASES // 2, et
     assert all(n > 0 for n, e in zip(ncr, et) if e == 0), (ncr, et)  # ET-free cases still have a core
     assert max(wt) > 4 * min(wt), wt  # lesion volumes vary
-    assert min(wt) < 20_000, wt  # some small lesions
+    assert min(wt) < 20_000, wt  # some small lesions (under 20 mL)
     # Lesions in different places: centroids spread over both hemispheres (x is left-right).
     centres = np.array([np.argwhere(c.tissue > 0).mean(0) for c in cases])
     assert centres[:, 0].min() < 120 < centres[:, 0].max(), centres
@@ -318,3 +395,14 @@ def test_write_dataset_skips_existing_cases(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz").unlink()
     write_dataset(tmp_path, 3, progress=True)
     assert calls == [0, 1, 1, 2]
+
+
+def test_write_dataset_with_workers_equals_one_worker(tmp_path: Path) -> None:
+    one = write_dataset(tmp_path / "one", 2, seed=7, fmt="brats2023")
+    two = write_dataset(tmp_path / "two", 2, seed=7, fmt="brats2023", workers=2)
+    assert one == two == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"]
+    for cid in one:
+        for path in sorted((tmp_path / "one" / cid).iterdir()):
+            a, _ = _load(path)
+            b, _ = _load(tmp_path / "two" / cid / path.name)
+            np.testing.assert_array_equal(a, b)

@@ -24,12 +24,13 @@ _DONE = ".complete"
 
 def ensure_demo_dataset(cfg: DataConfig) -> Path:
     """Folder of the built-in synthetic set for ``cfg`` (generated if missing or incomplete)."""
+    from brats_psp.data.release import default_workers
     from brats_psp.data.synthetic import GENERATOR_VERSION, write_dataset
 
     raw = Path(cfg.cache_dir) / f"demo-v{GENERATOR_VERSION}-seed{cfg.demo_seed}-n{cfg.demo_cases}" / "raw"
     if not (raw / _DONE).is_file():
         log.info("generating the built-in synthetic set (%d cases, seed %d) in %s", cfg.demo_cases, cfg.demo_seed, raw)
-        write_dataset(raw, cfg.demo_cases, seed=cfg.demo_seed, fmt="brats2021", progress=True)
+        write_dataset(raw, cfg.demo_cases, seed=cfg.demo_seed, fmt="brats2021", progress=True, workers=default_workers())
         (raw / _DONE).write_text(json.dumps({"cases": cfg.demo_cases, "seed": cfg.demo_seed}))
     return raw
 

@@ -1,0 +1,186 @@
+"""How a model does on real MRI: segment every scan in a folder of real cases, score those with a reference.
+
+    python benchmarks/real_scans.py --model outputs/<run id>/checkpoints/best.pt
+    python benchmarks/real_scans.py --model <run id> --real ../shared/data/real --out benchmarks/results/real_scans infer.tta=true
+
+``--real`` (default ``../shared/data/real``) holds case folders in any BraTS layout; a
+reference segmentation of case ``<id>`` is looked for in ``--refs`` (default
+``<real>/references``) as ``<id>-seg.nii.gz`` or ``<id>_seg.nii.gz``, in the case's label
+convention. Cases without one are segmented and drawn, not scored. Writes to ``--out``:
+
+* ``predictions/<id>.nii.gz`` (what ``infer`` writes);
+* ``real_scans.json``: per scored case Dice, HD95 (mm) and volumes (mL) of WT, TC and ET,
+  predicted and reference, the mean over scored cases, the model and the infer settings;
+* ``real_scans.png``: one row per case (FLAIR, T1ce, the prediction, the reference) at the
+  slice with most reference tumour (else most predicted tumour).
+
+Accuracy, not speed: nothing here is timed. Exits 0 with a message when ``--real`` is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/real_scans.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from brats_psp.config import apply_overrides  # noqa: E402
+from brats_psp.data.discovery import discover_cases  # noqa: E402
+from brats_psp.labels import REGION_NAMES, release_to_regions, release_to_tissue  # noqa: E402
+from brats_psp.metrics import region_metrics  # noqa: E402
+from brats_psp.segment import load_model, segment_cases  # noqa: E402
+
+log = logging.getLogger("real_scans")
+
+DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+def find_reference(refs: Path, case_id: str) -> Path | None:
+    """The reference segmentation of ``case_id`` in ``refs``, if there is one."""
+    for name in (f"{case_id}-seg.nii.gz", f"{case_id}_seg.nii.gz", f"{case_id}-seg.nii", f"{case_id}_seg.nii"):
+        if (refs / name).is_file():
+            return refs / name
+    return None
+
+
+def _ras(path: Path) -> tuple[np.ndarray, Any]:
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    return np.asanyarray(img.dataobj), img
+
+
+def score_case(pred_path: Path, ref_path: Path, release: str) -> dict[str, Any]:
+    """Dice, HD95 and volumes of WT, TC, ET of one prediction against its reference (both in ``release`` labels)."""
+    pred, pred_img = _ras(pred_path)
+    ref, _ = _ras(ref_path)
+    if pred.shape != ref.shape:
+        raise ValueError(f"{pred_path.name}: prediction {pred.shape} and reference {ref.shape} differ in shape")
+    spacing = tuple(float(s) for s in pred_img.header.get_zooms()[:3])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    p_reg, r_reg = release_to_regions(pred, release), release_to_regions(ref, release)
+    out: dict[str, Any] = {}
+    for k, region in enumerate(REGION_NAMES):
+        m = region_metrics(p_reg[k], r_reg[k], spacing)
+        out[region] = {
+            "dice": float(m["dice"]),
+            "hd95": float(m["hd95"]),
+            "pred_ml": float(p_reg[k].sum()) * voxel_ml,
+            "ref_ml": float(r_reg[k].sum()) * voxel_ml,
+        }
+    return out
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    """One row per case: FLAIR, T1ce, prediction on T1ce, reference on T1ce (RAS, anterior up)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from brats_psp.data.transforms import load_case_arrays
+    from brats_psp.plots import save_figure, show_slice
+
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 3.0 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        case = row["case"]
+        image, _, ref_img = load_case_arrays(case, with_label=False)
+        import nibabel as nib
+
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(ref_img.affine), nib.orientations.axcodes2ornt("RAS"))
+        image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
+        pred = release_to_tissue(_ras(row["prediction"])[0], case.layout)
+        ref = release_to_tissue(_ras(row["reference"])[0], case.layout) if row["reference"] else None
+        focus = ref if ref is not None and ref.any() else pred
+        z = int(np.argmax((focus > 0).sum(axis=(0, 1)))) if focus.any() else image.shape[-1] // 2
+        flair, t1ce = image[3, :, :, z], image[1, :, :, z]
+        show_slice(ax_row[0], flair, title=f"{case.case_id}\nFLAIR, z={z}")
+        show_slice(ax_row[1], t1ce, title="T1ce")
+        scores = row.get("scores")
+        text = "" if not scores else "\nDice " + " / ".join(f"{scores[r]['dice']:.2f}" for r in REGION_NAMES)
+        show_slice(ax_row[2], t1ce, pred[:, :, z], title=f"prediction{text}")
+        if ref is not None:
+            show_slice(ax_row[3], t1ce, ref[:, :, z], title="reference")
+        else:
+            ax_row[3].axis("off")
+            ax_row[3].set_title("no reference", fontsize=9)
+    fig.suptitle("real scans: NCR red, ED green, ET yellow (Dice WT / TC / ET)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def run(model: str, real: Path, refs: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """Segment, score and draw every case under ``real``; return (and write) the results."""
+    loaded = load_model(model)
+    cfg = apply_overrides(loaded.config, overrides).infer if overrides else loaded.config.infer
+    found = discover_cases(real)
+    if not found.cases:
+        raise SystemExit(f"no cases found under {real}")
+    pred_dir = out / "predictions"
+    result = segment_cases(loaded, real, pred_dir, cfg, progress=True)
+    rows, scored = [], {}
+    for case in found.cases:
+        pred = result.written.get(case.case_id)
+        if pred is None:
+            continue
+        ref = find_reference(refs, case.case_id)
+        row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
+        if ref is not None:
+            row["scores"] = scored[case.case_id] = score_case(pred, ref, case.layout)
+        rows.append(row)
+    mean = {
+        region: {key: float(np.mean([s[region][key] for s in scored.values()])) for key in ("dice", "hd95")}
+        for region in REGION_NAMES
+    } if scored else {}
+    summary = {
+        "model": model,
+        "checkpoint": str(loaded.checkpoint),
+        "run_id": loaded.run_id,
+        "infer": dataclasses.asdict(cfg),
+        "cases": [c.case_id for c in found.cases],
+        "scored": scored,
+        "mean": mean,
+        "failed": [str(f) for f in result.failures],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "real_scans.json").write_text(json.dumps(summary, indent=2))
+    plot(rows, out / "real_scans.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="checkpoint, MLflow run id or model URI")
+    ap.add_argument("--real", type=Path, default=DEFAULT_REAL, help="folder of real cases (default ../shared/data/real)")
+    ap.add_argument("--refs", type=Path, help="folder of reference segmentations (default <real>/references)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_scans")
+    ap.add_argument("overrides", nargs="*", help="infer overrides key=value (e.g. infer.tta=true)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.real.is_dir():
+        print(f"no real scans at {args.real}: nothing to do")
+        return 0
+    summary = run(args.model, args.real, args.refs or args.real / "references", args.out, args.overrides)
+    print(f"{'case':<24} {'region':<4} {'Dice':>6} {'HD95 mm':>8} {'pred mL':>8} {'ref mL':>8}")
+    for cid, scores in summary["scored"].items():
+        for region in REGION_NAMES:
+            s = scores[region]
+            print(f"{cid:<24} {region:<4} {s['dice']:6.3f} {s['hd95']:8.1f} {s['pred_ml']:8.1f} {s['ref_ml']:8.1f}")
+    unscored = [c for c in summary["cases"] if c not in summary["scored"]]
+    if unscored:
+        print(f"segmented without a reference (see the figure): {', '.join(unscored)}")
+    print(f"wrote {args.out / 'real_scans.json'} and {args.out / 'real_scans.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

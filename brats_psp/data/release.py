@@ -1,0 +1,188 @@
+"""Writing cases in a BraTS release layout (the counterpart of :mod:`brats_psp.data.layouts`).
+
+:func:`write_case` writes one case's four contrasts and label in the files and label values
+of a release (``brats2021``, ``brats2023``, ``msd``); :func:`write_dataset` writes the
+built-in synthetic set (:mod:`brats_psp.data.synthetic`), in worker processes when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from brats_psp.data.layouts import MODALITIES, get_layout
+from brats_psp.io import save_nifti, write_json
+from brats_psp.labels import tissue_to_release
+
+if TYPE_CHECKING:
+    from brats_psp.data.synthetic import SyntheticCase
+
+__all__ = ["case_paths", "default_workers", "write_case", "write_dataset"]
+
+logger = logging.getLogger(__name__)
+
+
+def case_paths(case_id: str, out_dir: str | Path, fmt: str = "brats2021", with_label: bool = True) -> list[Path]:
+    """Files that :func:`write_case` writes for ``case_id`` (images first, label last)."""
+    out_dir = Path(out_dir)
+    layout = get_layout(fmt)
+    if layout.is_4d:
+        paths = [out_dir / "imagesTr" / f"{case_id}.nii.gz"]
+        if with_label:
+            paths.append(out_dir / "labelsTr" / f"{case_id}.nii.gz")
+        return paths
+    names = list(MODALITIES) + (["seg"] if with_label else [])
+    return [out_dir / case_id / layout.filename(case_id, m) for m in names]
+
+
+def write_case(case: "SyntheticCase", out_dir: Path, fmt: str = "brats2021", with_label: bool = True) -> list[Path]:
+    """Write ``case`` in release layout ``fmt`` under ``out_dir``; return the paths written.
+
+    ``brats2021``/``brats2023``: ``out_dir/<case_id>/<Layout.filename(case_id, m)>`` for
+    the four contrasts (int16) and ``seg`` (uint8). ``msd``: ``out_dir/imagesTr/<case_id>.nii.gz``,
+    one 4D int16 image (240, 240, 155, 4) in ``LAYOUTS["msd"].channel_order``
+    (FLAIR, T1, T1ce, T2), and ``out_dir/labelsTr/<case_id>.nii.gz`` (uint8). Labels are
+    in the release's values (:func:`brats_psp.labels.tissue_to_release`). Every file
+    is written atomically.
+    """
+    layout = get_layout(fmt)
+    paths = case_paths(case.case_id, out_dir, fmt, with_label)
+    label = tissue_to_release(case.tissue, fmt) if with_label else None
+    if layout.is_4d:
+        stack = np.stack([case.images[m] for m in layout.channel_order], axis=-1).astype(np.int16)
+        save_nifti(paths[0], stack, case.affine, dtype=np.int16)
+        if label is not None:
+            save_nifti(paths[1], label, case.affine, dtype=np.uint8)
+    else:
+        for path, modality in zip(paths, MODALITIES):
+            save_nifti(path, case.images[modality], case.affine, dtype=np.int16)
+        if label is not None:
+            save_nifti(paths[-1], label, case.affine, dtype=np.uint8)
+    return paths
+
+
+def _msd_dataset_json(case_ids: list[str]) -> dict[str, Any]:
+    """``dataset.json`` in the style of the Decathlon's Task01_BrainTumour."""
+    return {
+        "name": "BRATS",
+        "description": "Synthetic BraTS-like gliomas on the MNI ICBM152 brain (brats_psp.data.synthetic)",
+        "reference": "brats_psp",
+        "licence": "CC-BY-SA 4.0",
+        "release": "synthetic",
+        "tensorImageSize": "4D",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "numTraining": len(case_ids),
+        "numTest": 0,
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in case_ids],
+        "test": [],
+    }
+
+
+def _write_one(index: int, seed: int, fmt: str, out_dir: Path) -> str:
+    """Generate and write case ``index`` (the job of one worker process)."""
+    from brats_psp.data import synthetic
+
+    case = synthetic.generate_case(index, seed=seed, fmt=fmt)
+    write_case(case, out_dir, fmt)
+    return case.case_id
+
+
+#: Environment of the worker processes: one BLAS/OpenMP thread each (the workers fill the cores).
+_ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def default_workers() -> int:
+    """Worker processes for generating cases: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def write_dataset(
+    out_dir: str | Path,
+    n_cases: int,
+    seed: int = 0,
+    fmt: str = "brats2021",
+    progress: bool = False,
+    workers: int = 1,
+) -> list[str]:
+    """Write cases ``0 .. n_cases - 1`` of the synthetic dataset ``seed`` in layout ``fmt``.
+
+    Cases whose files all exist already are skipped, so a re-run does no work (the
+    existing files are not checked against ``seed``: use one folder per seed). For
+    ``msd`` also writes ``out_dir/dataset.json`` (only when its content changes).
+    Shows a tqdm progress bar when ``progress`` is true. ``workers`` > 1 generates cases
+    in that many processes (spawned, one BLAS thread each; about 0.9 GB of memory each);
+    every case is the same as with one worker, since each has its own random generator.
+
+    Returns:
+        the case ids, in index order.
+    """
+    from brats_psp.data import synthetic
+
+    if n_cases < 0:
+        raise ValueError(f"n_cases must be >= 0, got {n_cases}")
+    get_layout(fmt)
+    out_dir = Path(out_dir)
+    case_ids = [synthetic.case_id_for(i, fmt) for i in range(n_cases)]
+    todo = [i for i, cid in enumerate(case_ids) if not all(p.is_file() for p in case_paths(cid, out_dir, fmt))]
+    if len(todo) < n_cases:
+        logger.info("%d of %d synthetic cases already in %s", n_cases - len(todo), n_cases, out_dir)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="synthetic cases", unit="case")
+    t0 = time.perf_counter()
+    workers = max(1, min(workers, len(todo)))
+    if workers == 1:
+        for i in todo:
+            write_case(synthetic.generate_case(i, seed=seed, fmt=fmt), out_dir, fmt)
+            if bar is not None:
+                bar.update()
+    elif todo:
+        saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+        os.environ.update(_ONE_THREAD)  # read by the spawned workers when they start
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                for _ in pool.map(_write_one, todo, *zip(*[(seed, fmt, out_dir)] * len(todo))):
+                    if bar is not None:
+                        bar.update()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    if bar is not None:
+        bar.close()
+    if todo:
+        elapsed = time.perf_counter() - t0
+        logger.info(
+            "wrote %d synthetic %s cases to %s in %.1f s (%.2f s/case, %d worker(s))",
+            len(todo), fmt, out_dir, elapsed, elapsed / len(todo), workers,
+        )
+    if get_layout(fmt).is_4d:
+        meta = _msd_dataset_json(case_ids)
+        path = out_dir / "dataset.json"
+        current = None
+        if path.is_file():
+            try:
+                current = json.loads(path.read_text())
+            except ValueError:
+                current = None
+        if current != meta:
+            write_json(path, meta)
+    return case_ids
