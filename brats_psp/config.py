@@ -72,6 +72,8 @@ class DataConfig:
     intensity_shift: float = 0.1
     gamma_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
     noise_std: float = 0.05
+    lesion_appearance: float = 0.5  # probability per slice of redrawing the lesion parts' intensities (0 = off)
+    bias_field: float = 0.2  # largest amplitude (z-score units) of a smooth additive field per channel (0 = off)
 
     def validate(self) -> None:
         _check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", self.spacing, "3 positive numbers (mm)")
@@ -84,7 +86,8 @@ class DataConfig:
         _check(self.demo_cases >= 2, "data.demo_cases", self.demo_cases, ">= 2")
         _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", self.flip_prob, "in [0, 1]")
         _check(len(self.gamma_range) == 2 and 0 < self.gamma_range[0] <= self.gamma_range[1], "data.gamma_range", self.gamma_range, "[low, high] with 0 < low <= high")
-        for key in ("rotate_deg", "scale_range", "intensity_scale", "intensity_shift", "noise_std"):
+        _check(0.0 <= self.lesion_appearance <= 1.0, "data.lesion_appearance", self.lesion_appearance, "in [0, 1]")
+        for key in ("rotate_deg", "scale_range", "intensity_scale", "intensity_shift", "noise_std", "bias_field"):
             _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), ">= 0")
 
     @property

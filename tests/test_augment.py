@@ -14,7 +14,10 @@ from brats_psp.config import DataConfig
 from brats_psp.data import augment as aug
 from brats_psp.data.augment import BatchAugment, affine_warp, batch_seed
 
-NOTHING = DataConfig(flip_prob=0.0, rotate_deg=0.0, scale_range=0.0, intensity_scale=0.0, intensity_shift=0.0, gamma_range=[1.0, 1.0], noise_std=0.0)
+NOTHING = DataConfig(
+    flip_prob=0.0, rotate_deg=0.0, scale_range=0.0, intensity_scale=0.0, intensity_shift=0.0, gamma_range=[1.0, 1.0], noise_std=0.0,
+    lesion_appearance=0.0, bias_field=0.0,
+)
 
 
 def _batch(b: int = 8, h: int = 40, w: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -123,3 +126,42 @@ def test_noise_has_the_configured_std() -> None:
     diff = (out["image"] - batch["image"]).flatten(1)
     noisy = diff.abs().amax(1) > 0
     assert float(diff[noisy].std()) == pytest.approx(0.05, rel=0.05) and out["image"].dtype == torch.float32
+
+
+def test_lesion_appearance_moves_lesion_parts_within_their_ranges_only() -> None:
+    from brats_psp.data.augment import LESION_SHIFTS, _lesion_appearance
+
+    b, h, w = 64, 32, 32
+    image = torch.ones(b, 8, h, w)  # 2.5D with one neighbour each side would be 12; 8 = two slabs of 4
+    label = torch.zeros(b, 3, h, w)
+    label[:, 0, 4:28, 4:28] = 1  # WT
+    label[:, 1, 10:22, 10:22] = 1  # TC
+    label[:, 2, 10:22, 10:13] = 1  # ET: a strip of the core
+    out = _lesion_appearance(image, label, torch.Generator().manual_seed(0))
+    diff = out - image
+    assert (diff[..., :2, :] == 0).all() and (diff[..., :, :2] == 0).all()  # outside the lesion: unchanged
+    # Deep inside each part, the shift lies in its range (times the texture, 1 +- 0.4 x field).
+    for name, (y, x) in {"ed": (6, 6), "ncr": (16, 18), "et": (16, 11)}.items():
+        for ch in range(8):
+            low, high = LESION_SHIFTS[name][ch % 4]
+            vals = diff[:, ch, y, x]
+            assert (vals >= low * 2.2 - 1e-6).all() and (vals <= high * 2.2 + 1e-6).all(), (name, ch)
+            assert vals.std() > 0.05, (name, ch)  # drawn per slice
+        # The same contrast in both slabs gets the same shift (up to the shared texture).
+        np.testing.assert_allclose(diff[:, 1, y, x].numpy(), diff[:, 5, y, x].numpy(), atol=1e-6)
+    # Enhancing tumour never gets much darker on T1ce (channel 1); edema never much darker on FLAIR (3).
+    assert diff[:, 1, 16, 11].min() > -0.3 * 1.4 - 1e-6 and diff[:, 3, 6, 6].min() > -0.3 * 1.4 - 1e-6
+
+
+def test_bias_field_is_smooth_and_stays_inside_the_brain() -> None:
+    batch = _batch(16)
+    batch["image"][:, :, :, :5] = 0.0  # outside the brain
+    out = BatchAugment(dataclasses.replace(NOTHING, bias_field=0.3))(batch, seed=1)
+    diff = out["image"] - batch["image"]
+    assert (diff[..., :5] == 0).all()
+    changed = diff.flatten(1).abs().amax(1) > 0
+    assert 0.2 < changed.float().mean() < 0.8  # probability BIAS_PROB = 0.5
+    assert diff.abs().max() <= 0.3 * 4.0  # amplitude x a unit-variance field
+    # Smooth: neighbouring pixels differ far less than the field itself varies.
+    inner = diff[..., 5:]
+    assert (inner[..., 1:] - inner[..., :-1]).abs().max() < 0.25 * inner.abs().max()  # white noise: ~1

@@ -26,6 +26,23 @@ of 16 4 × 128 × 128 slices here takes 15 ms on both cores, 0.96 ms a slice (10
 and the data path went from 0.845 to 0.92 of the in-memory step rate (``benchmarks/training.py``).
 With a GPU it runs there, and the loader's workers only read and crop.
 
+Two steps that MONAI has no transform for come last, both for transfer to real scans (the
+SynthSeg lesson: appearance randomised per sample, far wider than real scans vary):
+
+====================  =====================================================  ====================
+step                  what (per slice)                                       probability
+====================  =====================================================  ====================
+lesion appearance     each lesion part (edema, non-enhancing core, enhancing  ``data.lesion_appearance``
+                      tumour, from the labels, edges softened over 3 pixels)
+                      shifted per contrast by a draw from
+                      :data:`LESION_SHIFTS` (z-score units), textured; the
+                      robust cues are kept (edema stays bright on FLAIR and
+                      T2, the core does not enhance, enhancing tumour
+                      stays bright on T1ce)
+bias field            a smooth additive field per channel, amplitude up to   0.5
+                      ``data.bias_field``, inside the brain
+====================  =====================================================  ====================
+
 Every draw comes from one seed per batch (see :func:`batch_seed`): a resumed run repeats it.
 """
 
@@ -42,6 +59,18 @@ __all__ = ["BatchAugment", "affine_warp", "batch_seed"]
 
 #: Probabilities of the steps without a config key (MONAI's usual choices, as before).
 AFFINE_PROB, SCALE_PROB, SHIFT_PROB, GAMMA_PROB, NOISE_PROB = 0.5, 0.5, 0.5, 0.3, 0.3
+BIAS_PROB = 0.5
+
+#: Shift ranges (z-score units) of each lesion part, per contrast in MODALITIES order
+#: (T1, T1ce, T2, FLAIR). Edema may get darker only a little on FLAIR and T2 (it stays
+#: bright there); the non-enhancing core moves freely on T2/FLAIR (necrosis, cyst or solid
+#: tumour: from dark to as bright as edema) but barely up on T1ce; enhancing tumour may
+#: get brighter on T1ce, only a little darker.
+LESION_SHIFTS: dict[str, tuple[tuple[float, float], ...]] = {
+    "ed": ((-0.5, 0.3), (-0.5, 0.3), (-0.3, 0.8), (-0.3, 0.8)),
+    "ncr": ((-1.0, 0.5), (-1.0, 0.2), (-1.0, 1.0), (-1.5, 1.2)),
+    "et": ((-0.5, 0.5), (-0.3, 1.0), (-0.5, 0.5), (-0.5, 0.5)),
+}
 
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
@@ -114,8 +143,42 @@ class BatchAugment:
         if cfg.noise_std > 0 and len(i := chosen(NOISE_PROB)):
             noise = torch.randn(len(i), *image.shape[1:], generator=g).to(image.device, image.dtype)
             image[i] += noise * cfg.noise_std
+        if cfg.lesion_appearance > 0 and len(i := chosen(cfg.lesion_appearance)):
+            image[i] = _lesion_appearance(image[i], label[i], g)
+        if cfg.bias_field > 0 and len(i := chosen(BIAS_PROB)):
+            amp = uniform(0.0, cfg.bias_field, len(i), c)[..., None, None]
+            field = _smooth_field(len(i), c, image.shape[-2:], g).to(image.device, image.dtype)
+            image[i] += amp * field * (image[i] != 0)
         presence = label.flatten(2).amax(2)
         return {**batch, "image": image, "label": label, "presence": presence}
+
+
+def _smooth_field(b: int, c: int, size: torch.Size | tuple[int, int], g: torch.Generator, cells: int = 5) -> torch.Tensor:
+    """B x C x H x W smooth random fields (unit-variance values on a ``cells`` x ``cells`` grid, bicubic)."""
+    low = torch.randn(b, c, cells, cells, generator=g)
+    return F.interpolate(low, size=tuple(size), mode="bicubic", align_corners=True)
+
+
+def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Shift each lesion part's intensities per channel by a draw from ``LESION_SHIFTS`` (see the table above).
+
+    ``label`` holds the region masks (WT, TC, ET); the parts are ET, the core without ET, and
+    WT without the core. A channel ``k`` is contrast ``k % 4`` (2.5D slabs are neighbour-major).
+    """
+    b, c = image.shape[:2]
+    wt, tc, et = label[:, 0:1], label[:, 1:2], label[:, 2:3]
+    parts = {"ed": wt * (1 - tc), "ncr": tc * (1 - et), "et": et}
+    texture = 1.0 + 0.4 * _smooth_field(b, 1, image.shape[-2:], g, cells=12).to(image.device, image.dtype)
+    inside = image.abs().sum(1, keepdim=True) > 0
+    modality = torch.arange(c) % 4  # one shift per contrast, the same on its neighbour slices
+    out = image
+    for name, mask in parts.items():
+        soft = F.avg_pool2d(mask.to(image.dtype), 3, stride=1, padding=1)  # edges softened over 3 pixels
+        low, high = torch.tensor(LESION_SHIFTS[name], dtype=torch.float64).T
+        shift = low + (high - low) * torch.rand(b, 4, generator=g, dtype=torch.float64)
+        shift = shift[:, modality].to(image.device, image.dtype)
+        out = out + shift[..., None, None] * soft * texture
+    return torch.where(inside, out, image)
 
 
 def _gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ vessels dark (flow voids) or bright. Then, per contrast:
    acquired at 1-6 mm were resampled to 1 mm;
 5. an imperfect skull strip: a rim of CSF or dura left outside the brain, small bites
    taken out of its surface (labels there are removed);
-6. a per-scan scale and Rician noise (1-7 % of white matter), rounded to int16, >= 1
+6. a per-scan scale and Rician noise (1-5 % of white matter), rounded to int16, >= 1
    inside the brain and 0 outside, the same mask for all four contrasts.
 """
 
@@ -107,7 +107,7 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
             t1ce[key] = max(t1ce[key], 1.15 * max(1.0, t1ce["gm"]))
     spread = {m: {k: float(u(0.0, 0.12)) for k in means[m]} for m in MODALITIES}
     scale = {m: BASE_SCALE[m] * float(np.exp(u(np.log(0.4), np.log(2.5)))) for m in MODALITIES}
-    noise = {m: float(np.exp(u(np.log(0.01), np.log(0.07)))) for m in MODALITIES}
+    noise = {m: float(np.exp(u(np.log(0.01), np.log(0.05)))) for m in MODALITIES}
     return Appearance(means, spread, scale, noise)
 
 
