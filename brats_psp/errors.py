@@ -18,6 +18,10 @@ class CaseError(Exception):
         where = f" ({self.path})" if self.path else ""
         super().__init__(f"case {case_id}{where}: {message}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None, str]]:
+        """Pickle with the constructor's arguments (a worker process sends it back whole)."""
+        return (type(self), (self.case_id, self.path, self.message))
+
 
 class DiscoveryError(ValueError):
     """A folder or datalist holds no usable case, or an ambiguous mix of layouts."""

@@ -124,7 +124,8 @@ def test_mixed_layouts_are_refused(tmp_path: Path) -> None:
         discover_cases(tmp_path)
 
 
-def test_one_bad_case_does_not_stop_the_others(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_bad_case_does_not_stop_the_others(tmp_path: Path, workers: int) -> None:
     raw = tmp_path / "raw"
     for i in range(3):
         write_case(raw, "brats2021", f"BraTS2021_{i:05d}", seed=i)
@@ -132,10 +133,11 @@ def test_one_bad_case_does_not_stop_the_others(tmp_path: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:100])
     os.remove(raw / "BraTS2021_00002" / "BraTS2021_00002_flair.nii.gz")
     write_case(raw, "brats2021", "BraTS2021_00003", seed=3)
-    result = preprocess_dataset(raw, tmp_path / "cache", progress=False)
+    result = preprocess_dataset(raw, tmp_path / "cache", progress=False, workers=workers)
     assert sorted(result.processed) == ["BraTS2021_00000", "BraTS2021_00003"]
     failed = sorted(e.case_id for e in result.failures)
     assert failed == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert all(isinstance(e, CaseError) and e.path and e.message for e in result.failures)  # whole, from a worker too
     # nothing half-written: only complete entries in the cache, no temporaries
     assert sorted(p.name for p in (tmp_path / "cache" / "cases").iterdir()) == ["BraTS2021_00000", "BraTS2021_00003"]
     summary = json.loads((tmp_path / "cache" / "summary.json").read_text())

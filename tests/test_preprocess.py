@@ -141,3 +141,16 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_workers_write_the_same_cache_as_one_process(small_dataset: Path, tmp_path: Path) -> None:
+    one = preprocess_dataset(small_dataset, tmp_path / "one", progress=False)
+    two = preprocess_dataset(small_dataset, tmp_path / "two", progress=False, workers=2)
+    assert sorted(one.processed) == sorted(two.processed) and len(two.processed) == 6
+    for case in sorted((tmp_path / "one" / "cases").iterdir()):
+        other = tmp_path / "two" / "cases" / case.name
+        for name in ("image.npy", "label.npy"):
+            assert (case / name).read_bytes() == (other / name).read_bytes(), (case.name, name)
+        a, b = (json.loads((d / "meta.json").read_text()) for d in (case, other))
+        assert a == b
+    assert (tmp_path / "one" / "datalist.json").read_text() == (tmp_path / "two" / "datalist.json").read_text()

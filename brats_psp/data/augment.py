@@ -37,8 +37,8 @@ lesion appearance     each lesion part (edema, non-enhancing core, enhancing  ``
                       shifted per contrast by a draw from
                       :data:`LESION_SHIFTS` (z-score units), textured; the
                       robust cues are kept (edema stays bright on FLAIR and
-                      T2, the core does not enhance, enhancing tumour
-                      stays bright on T1ce)
+                      T2, the core does not enhance); enhancing tumour
+                      moves both ways on T1ce (faint to strong)
 bias field            a smooth additive field per channel, amplitude up to   0.5
                       ``data.bias_field``, inside the brain
 ====================  =====================================================  ====================
@@ -64,12 +64,12 @@ BIAS_PROB = 0.5
 #: Shift ranges (z-score units) of each lesion part, per contrast in MODALITIES order
 #: (T1, T1ce, T2, FLAIR). Edema may get darker only a little on FLAIR and T2 (it stays
 #: bright there); the non-enhancing core moves freely on T2/FLAIR (necrosis, cyst or solid
-#: tumour: from dark to as bright as edema) but barely up on T1ce; enhancing tumour may
-#: get brighter on T1ce, only a little darker.
+#: tumour: from dark to as bright as edema) but barely up on T1ce; enhancing tumour moves
+#: both ways on T1ce (real enhancement can be faint: about 1 standard deviation of the brain).
 LESION_SHIFTS: dict[str, tuple[tuple[float, float], ...]] = {
     "ed": ((-0.5, 0.3), (-0.5, 0.3), (-0.3, 0.8), (-0.3, 0.8)),
     "ncr": ((-1.0, 0.5), (-1.0, 0.2), (-1.0, 1.0), (-1.5, 1.2)),
-    "et": ((-0.5, 0.5), (-0.3, 1.0), (-0.5, 0.5), (-0.5, 0.5)),
+    "et": ((-0.5, 0.5), (-0.8, 0.8), (-0.5, 0.5), (-0.5, 0.5)),
 }
 
 

@@ -13,9 +13,10 @@ downloaded) give the whole brain: cerebrum, cerebellum and brainstem. Per case:
    4 x 4 x 4 block. The brain is centred in-plane; its top is kept below slice 149 and the
    lower brainstem is cropped, as in BraTS.
 2. **Atrophy** (:func:`atrophy`): the CSF fraction is grown into the neighbouring grey
-   and white matter by 0-2 voxels (grey-value dilation), so sulci and ventricles vary from
+   and white matter by 0-3 voxels (grey-value dilation), so sulci and ventricles vary from
    a young to an atrophic brain.
-3. **Structures that are background** (:func:`structures`): cortical vessels in the sulci
+3. **Structures that are background** (:func:`structures`): white-matter hyperintensities
+   (FLAIR-bright patches of deep white matter, in half of the cases), cortical vessels in the sulci
    (curves where a smooth random field crosses zero inside sulcal CSF) and a few deep
    vessels (where two fields cross zero together), the venous sinuses (superior sagittal
    along the top of the midline, transverse at the occipital base, from the template),
@@ -57,7 +58,7 @@ __all__ = ["Template", "Geometry", "Anatomy", "load_template", "random_geometry"
 logger = logging.getLogger(__name__)
 
 #: The non-tumour structures drawn per case (soft weights; label background).
-STRUCTURES: tuple[str, ...] = ("vessel", "sinus", "choroid", "dura")
+STRUCTURES: tuple[str, ...] = ("wmh", "vessel", "sinus", "choroid", "dura")
 
 _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -337,10 +338,11 @@ def atrophy(rng: np.random.Generator, anatomy: Anatomy, level: float | None = No
     """Grow the CSF (sulci, ventricles) into the tissue around it, in place; return the level used.
 
     ``level`` (0 none, 1 one voxel, 2 two voxels of grey-value dilation; fractional values
-    interpolate) is drawn per case when not given: most brains mildly atrophic, some strongly.
+    interpolate) is drawn per case when not given: 15 % none, 45 % 0.5-1.5, 40 % 1.5-3 voxels
+    (the template is an average brain: its sulci are thinner than most patients').
     """
     if level is None:
-        level = float(rng.choice([0.0, rng.uniform(0.0, 1.0), rng.uniform(0.5, 2.0)], p=[0.25, 0.45, 0.3]))
+        level = float(rng.choice([0.0, rng.uniform(0.5, 1.5), rng.uniform(1.5, 3.0)], p=[0.15, 0.45, 0.4]))
     if level <= 0.0:
         return 0.0
     csf = anatomy.csf
@@ -396,6 +398,13 @@ def structures(
     out["choroid"] = (np.clip(choroid * 1.5, 0.0, 1.0) * _patches(rng, shape, 6.0, float(rng.uniform(0.3, 0.8)))).astype(
         np.float32
     ) * brain
+    # White-matter hyperintensities (small-vessel disease), half of the cases: FLAIR/T2-bright
+    # patches of deep white matter that are not tumour.
+    if rng.random() < 0.5:
+        spots = _patches(rng, shape, float(rng.uniform(3.0, 6.0)), float(rng.uniform(0.01, 0.06)))
+        out["wmh"] = (spots * np.clip((anatomy.wm - 0.6) * 2.5, 0.0, 1.0)).astype(np.float32)
+    else:
+        out["wmh"] = np.zeros(shape, np.float32)
     # Dura: patches of the brain's outer shell, 1-2 voxels thick.
     thick = int(rng.integers(1, 3))
     shell = brain & ~ndi.binary_erosion(brain, iterations=thick)

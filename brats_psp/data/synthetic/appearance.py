@@ -49,20 +49,23 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "csf": (0.12, 0.50), "gm": (0.55, 0.88), "ed": (0.55, 0.95), "ncr": (0.25, 0.95), "cyst": (0.10, 0.45),
         "haem": (1.00, 1.70), "net": (0.45, 0.90), "et": (0.55, 1.05), "vessel": (0.20, 1.00),
         "sinus": (0.30, 1.00), "choroid": (0.50, 0.95), "dura": (0.30, 0.90), "rim": (0.10, 0.60),
+        "wmh": (0.70, 0.95),
     },
     "t1ce": {  # the enhancing classes; the others follow T1
-        "gm": (0.55, 0.88), "et": (1.25, 2.60), "vessel": (1.10, 3.00), "sinus": (1.30, 3.00),
+        "gm": (0.55, 0.88), "et": (1.10, 2.20), "vessel": (1.10, 3.00), "sinus": (1.30, 3.00),
         "choroid": (1.20, 2.60), "dura": (1.10, 2.50),
     },
     "t2": {
-        "csf": (1.80, 4.50), "gm": (1.10, 1.50), "ed": (1.30, 2.80), "ncr": (1.20, 3.50), "cyst": (2.00, 4.50),
+        "csf": (2.20, 5.00), "gm": (1.10, 1.50), "ed": (1.30, 2.80), "ncr": (1.20, 3.50), "cyst": (2.00, 4.50),
         "haem": (0.30, 1.60), "net": (1.30, 3.00), "et": (1.00, 2.20), "vessel": (0.20, 1.20),
         "sinus": (0.30, 1.50), "choroid": (1.00, 2.50), "dura": (0.40, 1.50), "rim": (0.40, 4.00),
+        "wmh": (1.30, 2.50),
     },
     "flair": {
-        "csf": (0.15, 0.70), "gm": (1.05, 1.45), "ed": (1.30, 2.60), "ncr": (0.50, 2.60), "cyst": (0.25, 1.80),
+        "csf": (0.10, 0.60), "gm": (1.10, 1.60), "ed": (1.30, 2.60), "ncr": (0.50, 2.60), "cyst": (0.25, 1.80),
         "haem": (0.60, 1.80), "net": (1.00, 2.40), "et": (1.00, 2.20), "vessel": (0.40, 1.20),
         "sinus": (0.40, 1.50), "choroid": (0.80, 2.00), "dura": (0.80, 2.00), "rim": (0.15, 1.50),
+        "wmh": (1.30, 2.40),
     },
 }
 _ENHANCING = ("et", "vessel", "sinus", "choroid", "dura")
@@ -105,7 +108,7 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
     for key in _ENHANCING:
         if not (key == "vessel" and flow_void):
             t1ce[key] = max(t1ce[key], 1.15 * max(1.0, t1ce["gm"]))
-    spread = {m: {k: float(u(0.0, 0.12)) for k in means[m]} for m in MODALITIES}
+    spread = {m: {k: float(u(0.03, 0.2) if k in ("csf", "gm", "wm") else u(0.0, 0.12)) for k in means[m]} for m in MODALITIES}
     scale = {m: BASE_SCALE[m] * float(np.exp(u(np.log(0.4), np.log(2.5)))) for m in MODALITIES}
     noise = {m: float(np.exp(u(np.log(0.01), np.log(0.05)))) for m in MODALITIES}
     return Appearance(means, spread, scale, noise)
