@@ -165,3 +165,15 @@ def test_bias_field_is_smooth_and_stays_inside_the_brain() -> None:
     # Smooth: neighbouring pixels differ far less than the field itself varies.
     inner = diff[..., 5:]
     assert (inner[..., 1:] - inner[..., :-1]).abs().max() < 0.25 * inner.abs().max()  # white noise: ~1
+
+
+def test_lesion_appearance_leaves_a_core_without_enhancing_tumour_alone() -> None:
+    from brats_psp.data.augment import _lesion_appearance
+
+    image = torch.ones(16, 4, 32, 32)
+    label = torch.zeros(16, 3, 32, 32)
+    label[:, 0, 4:28, 4:28] = 1
+    label[:, 1, 10:22, 10:22] = 1  # a core, no ET (a low-grade tumour's slice)
+    diff = _lesion_appearance(image, label, torch.Generator().manual_seed(0)) - image
+    assert (diff[..., 14:18, 14:18] == 0).all()  # the core keeps its intensities
+    assert diff[..., 5, 5].abs().amax() > 0  # the edema still moves

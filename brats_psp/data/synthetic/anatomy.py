@@ -13,7 +13,7 @@ downloaded) give the whole brain: cerebrum, cerebellum and brainstem. Per case:
    4 x 4 x 4 block. The brain is centred in-plane; its top is kept below slice 149 and the
    lower brainstem is cropped, as in BraTS.
 2. **Atrophy** (:func:`atrophy`): the CSF fraction is grown into the neighbouring grey
-   and white matter by 0-3 voxels (grey-value dilation), so sulci and ventricles vary from
+   and white matter by 0-2.2 voxels (grey-value dilation), so sulci and ventricles vary from
    a young to an atrophic brain.
 3. **Structures that are background** (:func:`structures`): white-matter hyperintensities
    (FLAIR-bright patches of deep white matter, in half of the cases), cortical vessels in the sulci
@@ -338,11 +338,11 @@ def atrophy(rng: np.random.Generator, anatomy: Anatomy, level: float | None = No
     """Grow the CSF (sulci, ventricles) into the tissue around it, in place; return the level used.
 
     ``level`` (0 none, 1 one voxel, 2 two voxels of grey-value dilation; fractional values
-    interpolate) is drawn per case when not given: 15 % none, 45 % 0.5-1.5, 40 % 1.5-3 voxels
+    interpolate) is drawn per case when not given: 20 % none, 50 % 0.3-1.2, 30 % 1.2-2.2 voxels
     (the template is an average brain: its sulci are thinner than most patients').
     """
     if level is None:
-        level = float(rng.choice([0.0, rng.uniform(0.5, 1.5), rng.uniform(1.5, 3.0)], p=[0.15, 0.45, 0.4]))
+        level = float(rng.choice([0.0, rng.uniform(0.3, 1.2), rng.uniform(1.2, 2.2)], p=[0.2, 0.5, 0.3]))
     if level <= 0.0:
         return 0.0
     csf = anatomy.csf

@@ -10,7 +10,9 @@ contrasts that hold on every scanner. What is kept fixed (the radiological cues)
 * edema is bright on FLAIR and T2 (at least 1.25x the brighter normal tissue on FLAIR,
   1.2x grey matter on T2, below CSF);
 * enhancement: enhancing tumour, vessels, venous sinuses, choroid plexus and dura are
-  brighter on T1ce than normal tissue (1.15-3x), while on T1 they are not.
+  brighter on T1ce than normal tissue (1.1-3x), while on T1 they are not;
+* a non-enhancing tumour core differs from edema by at least 15 % on T2 (brighter) or on
+  FLAIR (darker: the T2-FLAIR mismatch sign), else nothing in the image would tell them apart.
 
 Everything else is free within wide ranges (:data:`INTENSITY_RANGES`, relative to white
 matter = 1): a necrotic core may be dark or as bright as edema on FLAIR, cysts are
@@ -105,6 +107,13 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
     flair["ed"] = max(flair["ed"], 1.25 * max(1.0, flair["gm"]))
     t1 = means["t1"]
     t1["ed"] = min(t1["ed"], 0.97)
+    # A non-enhancing tumour core must differ from edema somewhere (else its label has no cue):
+    # at least 15 % on T2 (brighter) or on FLAIR (darker: the T2-FLAIR mismatch sign).
+    if t2["net"] < 1.15 * t2["ed"] and flair["net"] > 0.87 * flair["ed"]:
+        if rng.random() < 0.5:
+            t2["net"] = 1.15 * t2["ed"] * float(u(1.0, 1.3))
+        else:
+            flair["net"] = 0.87 * flair["ed"] * float(u(0.7, 1.0))
     for key in _ENHANCING:
         if not (key == "vessel" and flow_void):
             t1ce[key] = max(t1ce[key], 1.15 * max(1.0, t1ce["gm"]))

@@ -7,8 +7,9 @@ A case has one lesion, or (15 %) a second, smaller one elsewhere (multifocal). E
   gliomas (:data:`~brats_psp.data.synthetic.anatomy.SITE_WEIGHTS`: frontal and temporal
   lobes most often, then insula, parieto-occipital lobes, corpus callosum, cerebellum and
   brainstem), deep enough for the lesion's size.
-* **Size**: the core is an irregular ellipsoid (mean radius 2.5-26 mm, boundary perturbed
-  by a smooth field); with edema the whole tumour spans about 0.1 to 200 mL.
+* **Size**: the core is an irregular ellipsoid (mean radius 4-28 mm for a first lesion,
+  log-uniform, as large as BraTS gliomas mostly are; 2.5-12 mm for a second focus; boundary
+  perturbed by a smooth field); with edema the whole tumour spans about 1 to 250 mL.
 * **Kind** (``KIND_CYCLE``: in any 8 consecutive cases 4 high-grade, 2 solid, 2 low-grade):
 
   - ``gbm``: an enhancing rim (thin 2 mm to thick 7 mm, smooth or nodular, complete or
@@ -79,7 +80,7 @@ class Lesion:
 def _plan_one(
     rng: np.random.Generator, kind: str, geo: Geometry, tpl: Template, radius_range: tuple[float, float] | None = None
 ) -> LesionPlan:
-    low, high = radius_range or {"solid": (2.5, 15.0), "lgg": (4.0, 26.0), "gbm": (6.0, 26.0)}[kind]
+    low, high = radius_range or {"solid": (4.0, 18.0), "lgg": (6.0, 28.0), "gbm": (8.0, 28.0)}[kind]
     radius = float(np.exp(rng.uniform(np.log(low), np.log(high))))
     radii = radius * rng.uniform(0.7, 1.3, size=3)
     orientation = rotation(rng.uniform(-np.pi, np.pi, size=3))
