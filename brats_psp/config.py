@@ -58,7 +58,7 @@ class DataConfig:
     demo_seed: int = 0
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])  # mm, (x, y, z) after resampling
     slice_size: list[int] = field(default_factory=lambda: [128, 128])  # training slice H x W (pad / crop)
-    context_slices: int = 0  # 2.5D: k neighbours on each side, 4 * (2k + 1) input channels
+    context_slices: int = 1  # 2.5D: k neighbours on each side, 4 * (2k + 1) input channels
     planes: list[str] = field(default_factory=lambda: ["axial"])  # slice directions for training
     tumour_ratio: float = 0.5  # fraction of sampled slices that contain tumour
     folds: int = 5
@@ -124,7 +124,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, schedule, checkpoints and the hardware to use."""
 
-    epochs: int = 16
+    epochs: int = 20
     slices_per_epoch: int = 2000
     batch_size: int = 16
     lr: float = 2e-3
@@ -164,12 +164,12 @@ class InferConfig:
     roi_size: list[int] = field(default_factory=lambda: [128, 128])  # in-plane window (H, W)
     overlap: float = 0.25
     blend: Literal["constant", "gaussian"] = "gaussian"
-    tta: bool = False  # flip test-time augmentation
+    tta: bool = True  # flip test-time augmentation
     planes: list[str] = field(default_factory=lambda: ["axial"])
     threshold: float = 0.5
-    small_et_voxels: int = 0  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
+    small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
-    min_component_fraction: float = 0.0  # drop tumour components smaller than this fraction of the largest; 0 disables
+    min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
     labels: Literal["input", "brats2021", "brats2023", "msd"] = "input"
     save_probabilities: bool = False
 

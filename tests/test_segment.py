@@ -260,10 +260,10 @@ def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
     t[5:8, 5:8, 5:8] = Tissue.ET
     t[20:26, 20:26, 20:26] = Tissue.NCR  # 216 voxels: a second focus (21.6 % of the largest)
     t[28, 2, 2] = Tissue.ET  # a stray voxel
-    frac = load_config(None, ["infer.min_component_fraction=0.1"]).infer
+    frac = load_config(None, ["infer.min_component_fraction=0.1", "infer.small_et_voxels=0"]).infer
     out = postprocess(t.copy(), frac)
     assert out[28, 2, 2] == 0
     np.testing.assert_array_equal(out[:27], t[:27])  # both foci kept whole
-    strict = load_config(None, ["infer.min_component_fraction=0.5"]).infer
+    strict = load_config(None, ["infer.min_component_fraction=0.5", "infer.small_et_voxels=0"]).infer
     out = postprocess(t.copy(), strict)
     assert (out[20:26, 20:26, 20:26] == 0).all() and (out[2:12, 2:12, 2:12] == t[2:12, 2:12, 2:12]).all()
