@@ -121,8 +121,18 @@ def evaluate(args: argparse.Namespace) -> int:
     log.info("wrote %s and %s", result.metrics_csv, result.summary_json)
     run_id = args.run or predictions_run_id(args.pred)
     if run_id:
-        log_to_mlflow(run_id, result, args.tracking_uri)
-        log.info("logged the evaluation to MLflow run %s", run_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            log_to_mlflow(run_id, result, args.tracking_uri)
+            log.info("logged the evaluation to MLflow run %s", run_id)
+        except MlflowException as err:  # the metrics are written; only the logging could not be done
+            if args.run:
+                raise
+            log.warning(
+                "the evaluation was not logged: the predictions' MLflow run %s is not in this tracking store (%s); "
+                "give --run or --tracking-uri (or MLFLOW_TRACKING_URI) to log it", run_id, str(err).splitlines()[0],
+            )
     return _report_failures(result.failures, "evaluation")
 
 

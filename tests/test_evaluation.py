@@ -117,3 +117,18 @@ def test_prediction_in_another_geometry_is_refused(tmp_path: Path) -> None:
     save_nifti(pred_dir / "BraTS2021_00000.nii.gz", np.zeros((40, 40, 29), np.uint8), BRATS_AFFINE)
     result = evaluate(pred_dir, ref_dir)
     assert "prediction shape" in str(result.failures[0]) and "BraTS2021_00000" in str(result.failures[0])
+
+
+def test_predictions_from_a_run_of_another_store_are_scored_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # infer recorded the model's MLflow run; this store (a new SQLite file) does not hold it.
+    from tests.conftest import run_cli
+
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    _write(ref_dir, "BraTS2021_00000", _tumour(), _tumour(), pred_dir)
+    (pred_dir / "inference.json").write_text(json.dumps({"run_id": "0123456789abcdef0123456789abcdef"}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run_cli("evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(tmp_path / "eval")) == 0
+    assert (tmp_path / "eval" / "metrics.csv").is_file()
+    assert "was not logged" in caplog.text and "0123456789abcdef" in caplog.text

@@ -166,7 +166,7 @@ def test_robust_contrast_rules(cases: list[SyntheticCase]) -> None:
             checked["et"] += 1
             t1ce_ratio = mean["t1ce"]["et"] / mean["t1ce"]["wm"]
             assert t1ce_ratio > 1.0, (case.case_id, t1ce_ratio)  # a mean over the label: partial volume at the rim
-            assert t1ce_ratio > 1.1 * mean["t1"]["et"] / mean["t1"]["wm"], case.case_id
+            assert t1ce_ratio > mean["t1"]["et"] / mean["t1"]["wm"], case.case_id  # enhancement: brighter after contrast
         if "ed" in mean["flair"]:
             checked["ed"] += 1
             assert mean["flair"]["ed"] > 1.15 * mean["flair"]["wm"], case.case_id
