@@ -83,6 +83,7 @@ def score_case(pred_path: Path, ref_path: Path, release: str) -> dict[str, Any]:
 def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     """One row per case: FLAIR, T1ce, prediction on T1ce, reference on T1ce (RAS, anterior up)."""
     import matplotlib
+    import nibabel as nib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,8 +95,6 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     for ax_row, row in zip(axes, rows):
         case = row["case"]
         image, _, ref_img = load_case_arrays(case, with_label=False)
-        import nibabel as nib
-
         ornt = nib.orientations.ornt_transform(nib.io_orientation(ref_img.affine), nib.orientations.axcodes2ornt("RAS"))
         image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
         pred = release_to_tissue(_ras(row["prediction"])[0], case.layout)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from brats_psp.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from brats_psp.config import Config, config_to_dict, save_config
+from brats_psp.cpus import available_cores
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.augment import BatchAugment, batch_seed
 from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
@@ -190,7 +191,7 @@ def loader_workers(requested: int, runtime: Runtime) -> int:
     """
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size)))
     if runtime.device.type == "cpu" and cores <= 4:
         return 0

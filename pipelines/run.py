@@ -49,7 +49,7 @@ def _report_failures(failures: Sequence[CaseError], what: str) -> int:
 
 @stage("demo-data")
 def demo_data(args: argparse.Namespace) -> int:
-    from brats_psp.data.release import default_workers
+    from brats_psp.cpus import default_workers
     from brats_psp.data.synthetic import write_dataset
 
     workers = args.workers if args.workers > 0 else default_workers()
@@ -60,8 +60,8 @@ def demo_data(args: argparse.Namespace) -> int:
 
 @stage("preprocess")
 def preprocess(args: argparse.Namespace) -> int:
+    from brats_psp.cpus import default_workers
     from brats_psp.data.preprocess import preprocess_dataset
-    from brats_psp.data.release import default_workers
 
     cfg = _config(args)
     workers = args.workers if args.workers > 0 else default_workers()

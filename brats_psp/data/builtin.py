@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from brats_psp.config import DataConfig
+from brats_psp.cpus import default_workers
 from brats_psp.data.transforms import preprocessing_params
 
 __all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for", "resolve_data_source"]
@@ -24,7 +25,6 @@ _DONE = ".complete"
 
 def ensure_demo_dataset(cfg: DataConfig) -> Path:
     """Folder of the built-in synthetic set for ``cfg`` (generated if missing or incomplete)."""
-    from brats_psp.data.release import default_workers
     from brats_psp.data.synthetic import GENERATOR_VERSION, write_dataset
 
     raw = Path(cfg.cache_dir) / f"demo-v{GENERATOR_VERSION}-seed{cfg.demo_seed}-n{cfg.demo_cases}" / "raw"
@@ -57,8 +57,6 @@ def ensure_training_cache(cfg: DataConfig, data: str | Path | None = None, progr
 
     source = resolve_data_source(cfg, data)
     out = cache_folder_for(source, cfg)
-    from brats_psp.data.release import default_workers
-
     result = preprocess_dataset(source, out, cfg, progress=progress, workers=default_workers())
     if result.failures:
         log.warning("%d case(s) could not be preprocessed and are left out:", len(result.failures))

@@ -16,6 +16,8 @@ on unchanged inputs does no work and a corrupted entry is rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +25,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,12 +186,18 @@ def _summary(metas: list[dict[str, Any]], failures: list[CaseError]) -> dict[str
     }
 
 
-def _cache_entry(case: Case, out_dir: Path, data_cfg: DataConfig, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """``(reused, meta)`` of ``case``'s cache entry, written when missing or stale (one worker's job)."""
-    meta = load_cache_meta(safe_case_dir(out_dir, case.case_id))
-    if meta is not None and meta.get("fingerprint") == _fingerprint(case, params):
-        return True, meta
-    return False, preprocess_case(case, out_dir, data_cfg, params)
+def _cache_entry(
+    case: Case, out_dir: Path, data_cfg: DataConfig, params: dict[str, Any]
+) -> tuple[bool, dict[str, Any]] | CaseError:
+    """``(reused, meta)`` of ``case``'s cache entry, written when missing or stale, or the
+    CaseError that stopped it (one worker's job: the error comes back as a value, by name)."""
+    try:
+        meta = load_cache_meta(safe_case_dir(out_dir, case.case_id))
+        if meta is not None and meta.get("fingerprint") == _fingerprint(case, params):
+            return True, meta
+        return False, preprocess_case(case, out_dir, data_cfg, params)
+    except CaseError as err:
+        return err
 
 
 def _one_thread_worker() -> None:
@@ -219,39 +227,25 @@ def preprocess_dataset(
     result = PreprocessResult(out_dir, out_dir / "datalist.json", out_dir / "summary.json", failures=list(found.failures))
     metas: list[dict[str, Any]] = []
 
-    def record(case: Case, outcome: tuple[bool, dict[str, Any]] | CaseError) -> None:
-        if isinstance(outcome, CaseError):
-            log.error("%s", outcome)
-            result.failures.append(outcome)
-        else:
-            reused, meta = outcome
-            (result.reused if reused else result.processed).append(case.case_id)
-            metas.append(meta)
-        if on_case is not None:
-            on_case(case.case_id)
-
-    bar = tqdm(total=len(found.cases), desc="preprocess", unit="case", disable=not progress)
+    job = functools.partial(_cache_entry, out_dir=out_dir, data_cfg=data_cfg, params=params)
     workers = max(1, min(workers, len(found.cases)))
-    if workers == 1:
-        for case in found.cases:
-            try:
-                outcome: tuple[bool, dict[str, Any]] | CaseError = _cache_entry(case, out_dir, data_cfg, params)
-            except CaseError as err:
-                outcome = err
-            record(case, outcome)
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread_worker) as pool:
-            futures = [pool.submit(_cache_entry, case, out_dir, data_cfg, params) for case in found.cases]
-            for case, future in zip(found.cases, futures):  # in discovery order, as with one worker
-                try:
-                    outcome = future.result()
-                except CaseError as err:
-                    outcome = err
-                record(case, outcome)
-                bar.update()
-    bar.close()
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            outcomes: Iterator[tuple[bool, dict[str, Any]] | CaseError] = map(job, found.cases)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread_worker))
+            outcomes = pool.map(job, found.cases)  # results in discovery order, as with one worker
+        for case, outcome in tqdm(zip(found.cases, outcomes), total=len(found.cases), desc="preprocess", unit="case", disable=not progress):
+            if isinstance(outcome, CaseError):
+                log.error("%s", outcome)
+                result.failures.append(outcome)
+            else:
+                reused, meta = outcome
+                (result.reused if reused else result.processed).append(case.case_id)
+                metas.append(meta)
+            if on_case is not None:
+                on_case(case.case_id)
 
     folds = kfold_assignment([m["case_id"] for m in metas], data_cfg.folds, data_cfg.split_seed) if metas else {}
     entries = []

@@ -7,16 +7,20 @@ built-in synthetic set (:mod:`brats_psp.data.synthetic`), in worker processes wh
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from brats_psp.data.layouts import MODALITIES, get_layout
 from brats_psp.io import save_nifti, write_json
@@ -25,7 +29,7 @@ from brats_psp.labels import tissue_to_release
 if TYPE_CHECKING:
     from brats_psp.data.synthetic import SyntheticCase
 
-__all__ = ["case_paths", "default_workers", "write_case", "write_dataset"]
+__all__ = ["case_paths", "write_case", "write_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +104,19 @@ def _write_one(index: int, seed: int, fmt: str, out_dir: Path) -> str:
 _ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def default_workers() -> int:
-    """Worker processes for generating cases: the CPUs this process may use, at most 8."""
+@contextlib.contextmanager
+def _one_thread_env() -> Iterator[None]:
+    """Set ``_ONE_THREAD`` in this process's environment (inherited by processes spawned inside), then restore it."""
+    saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+    os.environ.update(_ONE_THREAD)
     try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def write_dataset(
@@ -139,35 +149,18 @@ def write_dataset(
     todo = [i for i, cid in enumerate(case_ids) if not all(p.is_file() for p in case_paths(cid, out_dir, fmt))]
     if len(todo) < n_cases:
         logger.info("%d of %d synthetic cases already in %s", n_cases - len(todo), n_cases, out_dir)
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="synthetic cases", unit="case")
     t0 = time.perf_counter()
+    job = functools.partial(_write_one, seed=seed, fmt=fmt, out_dir=out_dir)
     workers = max(1, min(workers, len(todo)))
-    if workers == 1:
-        for i in todo:
-            write_case(synthetic.generate_case(i, seed=seed, fmt=fmt), out_dir, fmt)
-            if bar is not None:
-                bar.update()
-    elif todo:
-        saved = {k: os.environ.get(k) for k in _ONE_THREAD}
-        os.environ.update(_ONE_THREAD)  # read by the spawned workers when they start
-        try:
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            done: Iterator[str] = map(job, todo)
+        else:
+            stack.enter_context(_one_thread_env())  # read by the spawned workers when they start
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                for _ in pool.map(_write_one, todo, *zip(*[(seed, fmt, out_dir)] * len(todo))):
-                    if bar is not None:
-                        bar.update()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    if bar is not None:
-        bar.close()
+            done = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx)).map(job, todo)
+        for _ in tqdm(done, total=len(todo), desc="synthetic cases", unit="case", disable=not (progress and todo)):
+            pass
     if todo:
         elapsed = time.perf_counter() - t0
         logger.info(

@@ -199,20 +199,24 @@ def render(
     """
     images: dict[str, np.ndarray] = {}
     fine = smooth_noise(rng, mask.shape, float(rng.uniform(1.5, 3.0)))  # healthy-tissue micro-texture
+    # Per group, the share it covers and its weights' normaliser: the same for every contrast.
+    covers = []
+    for group in overlays:
+        total = np.zeros(mask.shape, np.float32)
+        for weight in group.values():
+            total += weight
+        norm = 1.0 / np.maximum(total, np.float32(1.0))
+        covers.append((1.0 - total * norm, norm))
     for modality in MODALITIES:
         mean, spread = app.means[modality], app.spread[modality]
         img = np.zeros(mask.shape, np.float32)
         for cls in ("csf", "gm", "wm"):
             img += fractions[cls] * np.float32(mean[cls]) * (1.0 + np.float32(spread[cls]) * fine)
-        for group in overlays:
-            total = np.zeros(mask.shape, np.float32)
-            for weight in group.values():
-                total += weight
-            norm = 1.0 / np.maximum(total, np.float32(1.0))
+        for group, (keep, norm) in zip(overlays, covers):
             mix = np.zeros(mask.shape, np.float32)
             for cls, weight in group.items():
                 mix += weight * np.float32(mean[cls]) * (1.0 + np.float32(spread[cls] * 2.0) * texture)
-            img = img * (1.0 - total * norm) + mix * norm
+            img = img * keep + mix * norm
         img = _curve(rng, img, mask)
         bias = np.exp(np.float32(rng.uniform(0.0, 0.2)) * smooth_noise(rng, mask.shape, float(rng.uniform(30.0, 70.0))))
         img *= bias
