@@ -42,7 +42,8 @@ from brats_psp.data.discovery import discover_cases
 from brats_psp.data.synthetic import generate_case, write_case
 from brats_psp.networks import SeedPSPNet, build_network, count_parameters
 from brats_psp.runtime import autocast, setup_runtime
-from brats_psp.segment import LoadedModel, load_model, segment_cases
+from brats_psp.checkpoint import LoadedModel, load_model
+from brats_psp.segment import segment_cases
 
 
 class NetworkClock:

@@ -37,7 +37,8 @@ from brats_psp.config import apply_overrides  # noqa: E402
 from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.labels import REGION_NAMES, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
-from brats_psp.segment import load_model, segment_cases  # noqa: E402
+from brats_psp.checkpoint import load_model  # noqa: E402
+from brats_psp.segment import segment_cases  # noqa: E402
 
 log = logging.getLogger("real_scans")
 

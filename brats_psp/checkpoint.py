@@ -7,6 +7,10 @@ Keys: ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler``, ``epoch`
 completed, 0-based), ``best_metric``, ``best_epoch``, ``rng``, ``config`` (the resolved
 config as a dict), ``preprocessing`` (what inference must repeat), ``run_id`` (MLflow),
 ``history`` (per-epoch metrics), ``format_version``.
+
+:func:`resolve_checkpoint` is the one way from what a user names (a file, a run folder, an
+MLflow run ID or model URI) to a checkpoint file: ``train --resume`` asks it for ``last.pt``,
+``infer`` and ``export`` for ``best.pt`` (:func:`load_model`).
 """
 
 from __future__ import annotations
@@ -14,15 +18,26 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from brats_psp.config import Config, config_from_dict
 from brats_psp.io import atomic_path
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "config_of", "build_model_from_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "LoadedModel",
+    "save_checkpoint",
+    "load_checkpoint",
+    "config_of",
+    "build_model_from_checkpoint",
+    "resolve_checkpoint",
+    "load_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +93,74 @@ def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def resolve_checkpoint(
+    model: str | os.PathLike,
+    which: Literal["best", "last"] = "best",
+    output_dir: str | os.PathLike | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
+    """The local checkpoint file that ``model`` names, tried in this order:
+
+    1. a checkpoint file;
+    2. a run folder ``<output_dir>/<model>/checkpoints/<which>.pt`` (``model`` is the run's name);
+    3. an MLflow run ID, ``runs:/<run id>`` or ``models:/<name>/<version>``: the run's folder on
+       this machine (its ``brats_psp.run_dir`` tag), else the run's logged artifact
+       ``checkpoints/<which>.pt`` (downloaded; training logs ``best.pt`` only).
+
+    Raises:
+        CheckpointError: nothing of these exists, naming what was tried.
+    """
+    path = Path(model)
+    if path.is_file():
+        return path
+    name = f"{which}.pt"
+    model = str(model)
+    if output_dir is not None and (Path(output_dir) / model / "checkpoints" / name).is_file():
+        return Path(output_dir) / model / "checkpoints" / name
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    try:
+        if model.startswith("runs:/"):
+            run_id = model[len("runs:/") :].split("/")[0]
+        elif model.startswith("models:/"):
+            registered, _, version = model[len("models:/") :].partition("/")
+            if not version:
+                raise CheckpointError(f"{model}: expected models:/<name>/<version>")
+            run_id = client.get_model_version(registered, version).run_id
+        else:
+            run_id = model
+        run_dir = client.get_run(run_id).data.tags.get("brats_psp.run_dir")
+    except CheckpointError:
+        raise
+    except Exception as err:  # not a run ID, or the tracking server is down
+        raise CheckpointError(f"{model}: not a checkpoint file, nor a run folder or MLflow run with checkpoints/{name} ({err})") from None
+    if run_dir and (Path(run_dir) / "checkpoints" / name).is_file():
+        return Path(run_dir) / "checkpoints" / name
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{name}"))
+    except Exception as err:
+        raise CheckpointError(f"{model}: MLflow run {run_id} has no checkpoints/{name} on this machine or in its artifacts ({err})") from None
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference with the config and preprocessing it was trained with."""
+
+    network: torch.nn.Module
+    config: Config
+    checkpoint: Path
+    run_id: str | None
+
+
+def load_model(model: str | os.PathLike, tracking_uri: str | None = None) -> LoadedModel:
+    """Resolve ``model`` to its best checkpoint (:func:`resolve_checkpoint`) and build its
+    network (eval mode, CPU)."""
+    path = resolve_checkpoint(model, "best", tracking_uri=tracking_uri)
+    state = load_checkpoint(path)
+    return LoadedModel(build_model_from_checkpoint(state), config_of(state), path, state.get("run_id"))

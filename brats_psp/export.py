@@ -18,7 +18,7 @@ import torch
 
 from brats_psp.inference import RegionProbabilities
 from brats_psp.io import atomic_path
-from brats_psp.segment import LoadedModel, load_model
+from brats_psp.checkpoint import LoadedModel, load_model
 
 __all__ = ["export_onnx", "check_onnx"]
 

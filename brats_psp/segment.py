@@ -9,8 +9,9 @@ the requested release's convention -> ``OUT/<case>.nii.gz`` (uint8, the input's 
 affine and header), written atomically. A case that fails is reported by name; the others go on.
 
 ``MODEL`` may be a checkpoint file, an MLflow run ID, or an MLflow model URI
-(``runs:/<run id>/model``, ``models:/<name>/<version>``): MLflow references are resolved to
-the run's ``checkpoints/best.pt`` artifact, so every path loads with ``weights_only=True``.
+(``runs:/<run id>/model``, ``models:/<name>/<version>``), resolved to the run's
+``checkpoints/best.pt`` by :func:`brats_psp.checkpoint.load_model`, so every path loads with
+``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from monai.transforms import InvertibleTransform, SpatialResample, Spacingd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from brats_psp.checkpoint import CheckpointError, build_model_from_checkpoint, config_of, load_checkpoint
-from brats_psp.config import Config, InferConfig
+from brats_psp.checkpoint import LoadedModel, load_model
+from brats_psp.config import InferConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
@@ -43,19 +44,9 @@ from brats_psp.io import ensure_writable_dir, save_nifti, write_json
 from brats_psp.labels import Tissue, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
-__all__ = ["SegmentResult", "LoadedModel", "resolve_checkpoint", "load_model", "segment_case", "segment_cases", "postprocess"]
+__all__ = ["SegmentResult", "segment_case", "segment_cases", "postprocess"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    """A network ready for inference with the config and preprocessing it was trained with."""
-
-    network: torch.nn.Module
-    config: Config
-    checkpoint: Path
-    run_id: str | None
 
 
 @dataclass
@@ -65,40 +56,6 @@ class SegmentResult:
     written: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     failures: list[CaseError] = field(default_factory=list)
-
-
-def resolve_checkpoint(model: str, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint for ``model``: a file, an MLflow run ID, or ``runs:/`` / ``models:/`` URI."""
-    path = Path(model)
-    if path.is_file():
-        return path
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
-    if model.startswith("runs:/"):
-        run_id = model[len("runs:/") :].split("/")[0]
-    elif model.startswith("models:/"):
-        name, _, version = model[len("models:/") :].partition("/")
-        if not version:
-            raise CheckpointError(f"{model}: expected models:/<name>/<version>")
-        run_id = client.get_model_version(name, version).run_id
-    else:
-        run_id = model
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt")
-    except Exception as err:
-        raise CheckpointError(f"{model}: not a checkpoint file, and no MLflow run {run_id} with checkpoints/best.pt ({err})") from None
-    return Path(local)
-
-
-def load_model(model: str, tracking_uri: str | None = None) -> LoadedModel:
-    """Resolve ``model`` and build its network (eval mode, CPU)."""
-    path = resolve_checkpoint(model, tracking_uri)
-    state = load_checkpoint(path)
-    return LoadedModel(build_model_from_checkpoint(state), config_of(state), path, state.get("run_id"))
 
 
 def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
@@ -227,7 +184,7 @@ def segment_cases(
 ) -> SegmentResult:
     """Segment every case under ``input_path`` with ``model`` into ``out_dir``.
 
-    ``model`` is anything :func:`load_model` takes, or a model it already loaded; ``cfg``
+    ``model`` is anything :func:`~brats_psp.checkpoint.load_model` takes, or a model it already loaded; ``cfg``
     defaults to the ``infer`` section the model was trained with.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)

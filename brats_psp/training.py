@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from brats_psp.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from brats_psp.checkpoint import build_model_from_checkpoint, config_of, load_checkpoint, resolve_checkpoint, save_checkpoint
 from brats_psp.config import Config, config_to_dict, save_config
 from brats_psp.cpus import available_cores
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
@@ -48,9 +48,24 @@ from brats_psp.losses import LossTerms, PSPLoss
 from brats_psp.metrics import dice
 from brats_psp.networks import build_network, count_parameters
 from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
-from brats_psp.tracking import RunTracker, clear_running, git_commit, mark_running
+from brats_psp.tracking import RunTracker, clear_running, git_commit, mark_running, resolve_tracking_uri
 
-__all__ = ["TrainResult", "Trainer", "train", "train_step", "validate", "build_optimizer", "build_scheduler", "find_resume_checkpoint"]
+__all__ = [
+    "TrainResult",
+    "TrainingData",
+    "TrainingRun",
+    "Trainer",
+    "train",
+    "load_resume_state",
+    "prepare_data",
+    "start_run",
+    "run_epoch",
+    "finish_run",
+    "train_step",
+    "validate",
+    "build_optimizer",
+    "build_scheduler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,29 +114,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epo
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def find_resume_checkpoint(resume: str, cfg: Config) -> Path:
-    """A checkpoint path as given, or the ``last.pt`` of the MLflow run ``resume``."""
-    path = Path(resume)
-    if path.is_file():
-        return path
-    candidate = Path(cfg.train.output_dir) / resume / "checkpoints" / "last.pt"
-    if candidate.is_file():
-        return candidate
-    try:
-        import mlflow
-
-        from brats_psp.tracking import configure_tracking
-
-        configure_tracking(cfg)
-        run = mlflow.get_run(resume)
-        run_dir = run.data.tags.get("brats_psp.run_dir")
-        if run_dir and (Path(run_dir) / "checkpoints" / "last.pt").is_file():
-            return Path(run_dir) / "checkpoints" / "last.pt"
-    except Exception as err:  # not a run id, or the server is down
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint file and no MLflow run with a last.pt ({err})") from None
-    raise FileNotFoundError(f"--resume {resume}: the MLflow run has no checkpoint on this machine")
 
 
 def _reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
@@ -335,6 +327,218 @@ def _train_epoch(trainer: Trainer, loader: DataLoader, epoch: int, progress: boo
     return metrics
 
 
+# --------------------------------------------------------------------------- the stage's steps
+
+
+@dataclass
+class TrainingData:
+    """The cases a run trains and validates on (step 1, :func:`prepare_data`)."""
+
+    source: Path  # the dataset folder or datalist (the built-in set's folder when none was given)
+    cache: Path  # its preprocessed cache
+    train_dirs: list[Path]
+    val_dirs: list[Path]
+    summary: dict[str, Any]  # the cache's summary.json (cases, input shapes)
+
+
+@dataclass
+class TrainingRun:
+    """What the epochs of a run work on and write to (step 2, :func:`start_run`)."""
+
+    cfg: Config
+    runtime: Runtime
+    data: TrainingData
+    trainer: Trainer
+    loader: DataLoader
+    tracker: RunTracker
+    run_id: str | None
+    run_dir: Path
+    start_epoch: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.pt"
+
+
+def load_resume_state(resume: str, cfg: Config) -> tuple[Config, dict[str, Any], Path]:
+    """The checkpoint ``resume`` names (a file, a run folder or an MLflow run ID: its
+    ``last.pt``), with the config it was trained with: a run goes on as it started."""
+    path = resolve_checkpoint(resume, "last", cfg.train.output_dir, resolve_tracking_uri(cfg))
+    state = load_checkpoint(path)
+    log.info("resuming from %s (epoch %d done)", path, state["epoch"] + 1)
+    return config_of(state), state, path
+
+
+def prepare_data(cfg: Config, data: str | Path | None, runtime: Runtime, progress: bool) -> TrainingData:
+    """Step 1: the preprocessed cache of the dataset, split into training and validation cases.
+
+    Without a dataset (``data`` and ``data.root`` both unset) the built-in synthetic set is
+    generated first (once; :mod:`brats_psp.data.builtin`). Rank 0 prepares the cache; the other
+    processes wait for it and then find it complete.
+    """
+    if data is None and not cfg.data.root:
+        log.info("no dataset given: training on the built-in synthetic set (%d cases, seed %d)", cfg.data.demo_cases, cfg.data.demo_seed)
+    source = cache = None
+    if runtime.is_main:
+        source = resolve_data_source(cfg.data, data)
+        cache = ensure_training_cache(cfg.data, source, progress=progress)
+    if runtime.distributed:
+        dist.barrier()
+        if not runtime.is_main:
+            source = resolve_data_source(cfg.data, data)
+            cache = ensure_training_cache(cfg.data, source, progress=False)
+    assert source is not None and cache is not None
+    train_dirs, val_dirs = split_cases(cache, cfg.data.fold)
+    if not train_dirs or not val_dirs:
+        raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
+    return TrainingData(source, cache, train_dirs, val_dirs, _read_summary(cache))
+
+
+def start_run(
+    cfg: Config, runtime: Runtime, data: TrainingData, state: dict[str, Any] | None = None, resumed_from: Path | None = None
+) -> TrainingRun:
+    """Step 2: the data loader, the trainer (restored from ``state`` when resuming, wrapped in
+    DDP under ``torchrun``), the MLflow run and the run's folder ``<output_dir>/<run id>``."""
+    loader = build_train_loader(cfg, data.train_dirs, runtime)
+    if len(loader) == 0:
+        raise ValueError(f"train.slices_per_epoch={cfg.train.slices_per_epoch} is less than one batch of {cfg.train.batch_size} per process")
+    trainer = Trainer.build(cfg, runtime, len(loader))
+    run_id = None
+    progress_state: dict[str, Any] = {}
+    if state is not None:
+        trainer.load_state_dict(state)
+        progress_state = {"start_epoch": state["epoch"] + 1, "best": state["best_metric"], "best_epoch": state["best_epoch"]}
+        progress_state["history"] = list(state["history"])
+        run_id = state.get("run_id")
+        set_rng_state(state["rng"])
+    if runtime.distributed:
+        trainer.model = DistributedDataParallel(trainer.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    tracker = RunTracker(cfg, enabled=runtime.is_main)
+    default_name = f"{cfg.model.name}-r{cfg.model.depth}w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.start(run_id=run_id, run_name=cfg.tracking.run_name or default_name) if runtime.is_main else None
+    run_name = run_id or f"offline-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, run_name = _broadcast((run_id, run_name), runtime)
+    run = TrainingRun(cfg, runtime, data, trainer, loader, tracker, run_id, Path(cfg.train.output_dir) / run_name, **progress_state)
+    tracker.fallback_dir = run.run_dir
+    if runtime.is_main:
+        for stale in remove_stale_temporaries(run.last_path.parent):  # a kill during a checkpoint write leaves one
+            log.warning("removed %s, half written by a run that was killed", stale)
+        if resumed_from is not None and not run.best_path.exists() and (resumed_from.parent / "best.pt").is_file():
+            # resumed from a checkpoint outside this run's folder: bring its best model along
+            save_checkpoint(run.best_path, load_checkpoint(resumed_from.parent / "best.pt"))
+        mark_running(run.run_dir)  # sync-mlflow waits for the end of the run
+    return run
+
+
+def log_run_setup(run: TrainingRun) -> None:
+    """The resolved config (``config.yaml``, params) and the dataset, device and model size, in
+    MLflow and the log (rank 0)."""
+    cfg, data, model = run.cfg, run.data, run.trainer.model
+    save_config(cfg, run.run_dir / "config.yaml")
+    run.tracker.set_tags({"brats_psp.run_dir": str(run.run_dir.resolve()), "brats_psp.stage": "train"})
+    run.tracker.log_config(
+        cfg,
+        {
+            "git_commit": git_commit(),
+            "device": run.runtime.describe(),
+            "dataset.source": str(data.source),
+            "dataset.cache": str(data.cache),
+            "dataset.cases": data.summary.get("cases", "?"),
+            "dataset.train_cases": len(data.train_dirs),
+            "dataset.val_cases": len(data.val_dirs),
+            "dataset.input_shapes": data.summary.get("input_shapes", "?"),
+            "model.parameters": count_parameters(model),
+        },
+    )
+    run.tracker.log_artifact(run.run_dir / "config.yaml")
+    run.tracker.backfill(run.history)  # a resumed run gets the epochs a kill kept from MLflow
+    log.info(
+        "run %s: %d train / %d val cases, %d slices per epoch, %s, %d parameters",
+        run.run_id, len(data.train_dirs), len(data.val_dirs), cfg.train.slices_per_epoch, run.runtime.describe(), count_parameters(model),
+    )
+
+
+def checkpoint_payload(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """What ``last.pt`` / ``best.pt`` hold after ``epoch`` (see :mod:`brats_psp.checkpoint`)."""
+    return {
+        **run.trainer.state_dict(),
+        "epoch": epoch,
+        "best_metric": run.best,
+        "best_epoch": run.best_epoch,
+        "rng": rng_state(),
+        "config": config_to_dict(run.cfg),
+        "preprocessing": preprocessing_params(run.cfg.data.spacing),
+        "data_source": str(run.data.source),
+        "run_id": run.run_id,
+        "history": run.history,
+    }
+
+
+def run_epoch(run: TrainingRun, epoch: int, progress: bool) -> dict[str, float]:
+    """Step 3, once per epoch: train, validate when due (``train.val_every`` and the last epoch), write
+    ``last.pt`` (and ``best.pt`` when validation improved) and log the metrics."""
+    from brats_psp.plots import plot_validation_overlay
+
+    cfg, runtime = run.cfg, run.runtime
+    # every random draw of the epoch follows from (seed, epoch): resuming reproduces it
+    seed_loader_epoch(run.loader, epoch, cfg, runtime)
+    metrics = _train_epoch(run.trainer, run.loader, epoch, progress)
+    improved = False
+    if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
+        val, example = validate(run.trainer.model, run.data.val_dirs, cfg, runtime, progress)
+        metrics.update(val)
+        improved = val["val/dice_mean"] > run.best
+        if improved:
+            run.best, run.best_epoch = val["val/dice_mean"], epoch
+        if runtime.is_main and example is not None:
+            plot_validation_overlay(example, run.run_dir / "val_overlay.png", title=f"epoch {epoch + 1}")
+    run.history.append({"epoch": epoch, **metrics})
+    if runtime.is_main:
+        ckpt = checkpoint_payload(run, epoch)
+        save_checkpoint(run.last_path, ckpt)
+        if improved:
+            save_checkpoint(run.best_path, ckpt)
+        run.tracker.log_metrics(metrics, step=epoch)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def finish_run(run: TrainingRun) -> TrainResult:
+    """Step 4 (rank 0): learning curves, history, the best checkpoint (the last one stands in when
+    no validation ran) and the MLflow model, logged to the run."""
+    from brats_psp.plots import plot_learning_curves
+
+    cfg, run_dir, tracker = run.cfg, run.run_dir, run.tracker
+    plot_learning_curves(run.history, run_dir / "learning_curves.png")
+    write_json(run_dir / "history.json", run.history)
+    for artifact in ("learning_curves.png", "val_overlay.png", "history.json"):
+        if (run_dir / artifact).exists():
+            tracker.log_artifact(run_dir / artifact)
+    if not run.best_path.exists():  # no validation ran (train.val_every > train.epochs)
+        log.warning("no validation ran, so there is no best checkpoint: %s stands in for it", run.last_path)
+        save_checkpoint(run.best_path, load_checkpoint(run.last_path))
+    tracker.log_artifact(run.best_path, "checkpoints")
+    if cfg.tracking.log_model:
+        best_model = build_model_from_checkpoint(load_checkpoint(run.best_path))
+        wrapped = RegionProbabilities(best_model, cfg.model.output)
+        example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
+        tracker.log_model(wrapped, example_input, cfg.tracking.register_name, checkpoint=run.best_path)
+    tracker.log_metrics({"best/dice_mean": run.best, "best/epoch": run.best_epoch}, step=cfg.train.epochs - 1)
+    return run_result(run)
+
+
+def run_result(run: TrainingRun) -> TrainResult:
+    return TrainResult(run.run_id, run.run_dir, run.best_path, run.last_path, run.best, run.history)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -347,156 +551,43 @@ def train(
 ) -> TrainResult:
     """Train a PSPNet as ``cfg`` says and return where the run and its checkpoints are.
 
+    The steps: :func:`prepare_data` (the built-in set when no dataset is given) ->
+    :func:`start_run` (loader, trainer, MLflow run, run folder) -> :func:`run_epoch` for each
+    epoch -> :func:`finish_run` (curves, best checkpoint, MLflow model).
+
     Args:
         cfg: the resolved config.
         data: dataset folder or datalist (default ``data.root``, else the built-in synthetic set).
-        resume: a checkpoint file or an MLflow run ID to continue.
+        resume: a checkpoint file, a run folder's name or an MLflow run ID to continue (its
+            ``last.pt``, with the config and data it started with).
         progress: show progress bars.
         on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
     """
-    from brats_psp.plots import plot_learning_curves, plot_validation_overlay
-
     runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
     progress = progress and runtime.is_main
-    state: dict[str, Any] | None = None
+    state = resumed_from = None
     if resume:
-        ckpt_path = find_resume_checkpoint(resume, cfg)
-        state = load_checkpoint(ckpt_path)
-        from brats_psp.checkpoint import config_of
-
-        cfg = config_of(state)  # the run goes on with the config and data it started with
+        cfg, state, resumed_from = load_resume_state(resume, cfg)
         data = data if data is not None else state.get("data_source")
-        log.info("resuming from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
     seed_everything(cfg.train.seed + runtime.rank, cfg.train.deterministic)
-
-    # data: rank 0 prepares the cache, the others wait for it and then find it complete
-    if runtime.is_main:
-        source = resolve_data_source(cfg.data, data)
-        cache = ensure_training_cache(cfg.data, source, progress=progress)
-    if runtime.distributed:
-        dist.barrier()
-        if not runtime.is_main:
-            source = resolve_data_source(cfg.data, data)
-            cache = ensure_training_cache(cfg.data, source, progress=False)
-    train_dirs, val_dirs = split_cases(cache, cfg.data.fold)
-    if not train_dirs or not val_dirs:
-        raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
-    loader = build_train_loader(cfg, train_dirs, runtime)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.slices_per_epoch={cfg.train.slices_per_epoch} is less than one batch of {cfg.train.batch_size} per process")
-
-    trainer = Trainer.build(cfg, runtime, steps_per_epoch)
-    start_epoch, best, best_epoch, history, run_id = 0, -1.0, -1, [], None
-    if state is not None:
-        trainer.load_state_dict(state)
-        start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
-        history, run_id = list(state["history"]), state.get("run_id")
-        set_rng_state(state["rng"])
-    if runtime.distributed:
-        trainer.model = DistributedDataParallel(trainer.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    model = trainer.model
-
-    tracker = RunTracker(cfg, enabled=runtime.is_main)
-    default_name = f"{cfg.model.name}-r{cfg.model.depth}w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracker.start(run_id=run_id, run_name=cfg.tracking.run_name or default_name) if runtime.is_main else None
-    run_name = run_id or f"offline-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id, run_name = _broadcast((run_id, run_name), runtime)
-    run_dir = Path(cfg.train.output_dir) / run_name
-    tracker.fallback_dir = run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    if runtime.is_main:
-        for stale in remove_stale_temporaries(ckpt_dir):  # a kill during a checkpoint write leaves one
-            log.warning("removed %s, half written by a run that was killed", stale)
-    if resume and runtime.is_main and not best_path.exists() and (ckpt_path.parent / "best.pt").is_file():
-        # resumed from a checkpoint outside this run's folder: bring its best model along
-        save_checkpoint(best_path, load_checkpoint(ckpt_path.parent / "best.pt"))
-    if runtime.is_main:
-        mark_running(run_dir)  # sync-mlflow waits for the end of the run
+    prepared = prepare_data(cfg, data, runtime, progress)
+    run = start_run(cfg, runtime, prepared, state, resumed_from)
     status = "FAILED"
     try:
         if runtime.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            summary = _read_summary(cache)
-            tracker.set_tags({"brats_psp.run_dir": str(run_dir.resolve()), "brats_psp.stage": "train"})
-            tracker.log_config(
-                cfg,
-                {
-                    "git_commit": git_commit(),
-                    "device": runtime.describe(),
-                    "dataset.source": str(source),
-                    "dataset.cache": str(cache),
-                    "dataset.cases": summary.get("cases", "?"),
-                    "dataset.train_cases": len(train_dirs),
-                    "dataset.val_cases": len(val_dirs),
-                    "dataset.input_shapes": summary.get("input_shapes", "?"),
-                    "model.parameters": count_parameters(model),
-                },
-            )
-            tracker.log_artifact(run_dir / "config.yaml")
-            tracker.backfill(history)  # a resumed run gets the epochs a kill kept from MLflow
-            log.info(
-                "run %s: %d train / %d val cases, %d slices per epoch, %s, %d parameters",
-                run_id, len(train_dirs), len(val_dirs), cfg.train.slices_per_epoch, runtime.describe(), count_parameters(model),
-            )
-        for epoch in range(start_epoch, cfg.train.epochs):
-            # every random draw of the epoch follows from (seed, epoch): resuming reproduces it
-            seed_loader_epoch(loader, epoch, cfg, runtime)
-            metrics = _train_epoch(trainer, loader, epoch, progress)
-            improved = False
-            if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
-                val, example = validate(model, val_dirs, cfg, runtime, progress)
-                metrics.update(val)
-                improved = val["val/dice_mean"] > best
-                if improved:
-                    best, best_epoch = val["val/dice_mean"], epoch
-                if runtime.is_main and example is not None:
-                    plot_validation_overlay(example, run_dir / "val_overlay.png", title=f"epoch {epoch + 1}")
-            history.append({"epoch": epoch, **metrics})
-            if runtime.is_main:
-                ckpt = {
-                    **trainer.state_dict(),
-                    "epoch": epoch,
-                    "best_metric": best,
-                    "best_epoch": best_epoch,
-                    "rng": rng_state(),
-                    "config": config_to_dict(cfg),
-                    "preprocessing": preprocessing_params(cfg.data.spacing),
-                    "data_source": str(source),
-                    "run_id": run_id,
-                    "history": history,
-                }
-                save_checkpoint(last_path, ckpt)
-                if improved:
-                    save_checkpoint(best_path, ckpt)
-                tracker.log_metrics(metrics, step=epoch)
-                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            log_run_setup(run)
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            metrics = run_epoch(run, epoch, progress)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
-        if runtime.is_main:
-            plot_learning_curves(history, run_dir / "learning_curves.png")
-            write_json(run_dir / "history.json", history)
-            for artifact in ("learning_curves.png", "val_overlay.png", "history.json"):
-                if (run_dir / artifact).exists():
-                    tracker.log_artifact(run_dir / artifact)
-            if not best_path.exists():  # no validation ran (train.val_every > train.epochs)
-                log.warning("no validation ran, so there is no best checkpoint: %s stands in for it", last_path)
-                save_checkpoint(best_path, load_checkpoint(last_path))
-            tracker.log_artifact(best_path, "checkpoints")
-            if cfg.tracking.log_model:
-                best_model = build_model_from_checkpoint(load_checkpoint(best_path))
-                wrapped = RegionProbabilities(best_model, cfg.model.output)
-                example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
-                tracker.log_model(wrapped, example_input, cfg.tracking.register_name, checkpoint=best_path)
-            tracker.log_metrics({"best/dice_mean": best, "best/epoch": best_epoch}, step=cfg.train.epochs - 1)
+        result = finish_run(run) if runtime.is_main else run_result(run)
         status = "FINISHED"
     finally:
-        tracker.end(status)
+        run.tracker.end(status)
         if runtime.is_main:
-            clear_running(run_dir)
+            clear_running(run.run_dir)
         shutdown(runtime)
-    return TrainResult(run_id, run_dir, best_path, last_path, best, history)
+    return result
 
 
 def _read_summary(cache: Path) -> dict[str, Any]:

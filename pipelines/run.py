@@ -98,8 +98,9 @@ def train(args: argparse.Namespace) -> int:
 
 @stage("infer")
 def infer(args: argparse.Namespace) -> int:
+    from brats_psp.checkpoint import load_model
     from brats_psp.config import apply_overrides
-    from brats_psp.segment import load_model, segment_cases
+    from brats_psp.segment import segment_cases
 
     not_infer = [o for o in args.overrides if not o.startswith("infer.")]
     if not_infer:
@@ -158,8 +159,8 @@ def show_prediction(args: argparse.Namespace) -> int:
 
 @stage("export")
 def export(args: argparse.Namespace) -> int:
+    from brats_psp.checkpoint import load_model
     from brats_psp.export import check_onnx, export_onnx
-    from brats_psp.segment import load_model
 
     loaded = load_model(args.model, args.tracking_uri)
     path = export_onnx(loaded, args.out, args.tile)

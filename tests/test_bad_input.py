@@ -391,7 +391,7 @@ def test_inference_window_larger_than_the_volume(tmp_path: Path, checkpoint: Pat
     np.testing.assert_allclose(out.affine, BRATS_AFFINE)
     from brats_psp.inference import predict_volume
     from brats_psp.runtime import setup_runtime
-    from brats_psp.segment import load_model
+    from brats_psp.checkpoint import load_model
 
     probs = predict_volume(load_model(str(checkpoint)).network, torch.randn(4, 21, 17, 9), cfg, setup_runtime("cpu", "fp32"))
     assert probs.shape == (3, 21, 17, 9) and 0 <= float(probs.min()) <= float(probs.max()) <= 1

@@ -84,7 +84,7 @@ def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: P
     half-written temporary beside it is neither loadable nor what --resume picks."""
     from brats_psp.checkpoint import CheckpointError
     from brats_psp.config import load_config
-    from brats_psp.training import find_resume_checkpoint
+    from brats_psp.checkpoint import resolve_checkpoint
 
     ckpt_dir = tmp_path / "outputs" / "run1" / "checkpoints"
     last = ckpt_dir / "last.pt"
@@ -113,6 +113,6 @@ def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: P
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp)
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'outputs'}"])
-    assert find_resume_checkpoint("run1", cfg) == last
+    assert resolve_checkpoint("run1", "last", cfg.train.output_dir) == last
     # what train() does with the run's checkpoint folder when it starts or resumes
     assert remove_stale_temporaries(ckpt_dir) == [tmp] and not tmp.exists() and last.exists()

@@ -19,7 +19,8 @@ from brats_psp.data.discovery import discover_cases
 from brats_psp.inference import predict_volume
 from brats_psp.networks import build_network
 from brats_psp.runtime import setup_runtime
-from brats_psp.segment import load_model, segment_cases
+from brats_psp.checkpoint import load_model
+from brats_psp.segment import segment_cases
 from brats_psp.training import Trainer, train, train_step
 from tests.conftest import REPO, write_case
 from tests.test_training import smoke_config

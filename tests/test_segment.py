@@ -113,7 +113,7 @@ def test_onnx_export_matches_pytorch(checkpoint: Path, tmp_path: Path) -> None:
 def test_predict_volume_shapes_with_tta_and_planes(checkpoint: Path, planes: list[str], tta: bool) -> None:
     from brats_psp.inference import predict_volume
     from brats_psp.runtime import setup_runtime
-    from brats_psp.segment import load_model
+    from brats_psp.checkpoint import load_model
 
     loaded = load_model(str(checkpoint))
     cfg = load_config(None, [f"infer.planes={planes}".replace("'", ""), f"infer.tta={str(tta).lower()}", "infer.roi_size=[32,32]"]).infer
@@ -152,7 +152,7 @@ class _OutOfMemoryAbove(torch.nn.Module):
 def test_out_of_memory_falls_back_to_smaller_batches(checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
     from brats_psp.inference import predict_volume
     from brats_psp.runtime import setup_runtime
-    from brats_psp.segment import load_model
+    from brats_psp.checkpoint import load_model
 
     net = load_model(str(checkpoint)).network
     image = torch.randn(4, 30, 30, 20)
@@ -171,7 +171,6 @@ def test_out_of_memory_falls_back_to_smaller_batches(checkpoint: Path, caplog: p
 def test_other_errors_at_inference_are_not_retried() -> None:
     from brats_psp.inference import predict_volume
     from brats_psp.runtime import setup_runtime
-    from brats_psp.segment import load_model
 
     class Broken(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> None:
@@ -186,7 +185,7 @@ def test_other_errors_at_inference_are_not_retried() -> None:
 def test_whole_slice_batches_equal_monai_slice_inferer(checkpoint: Path, plane: str) -> None:
     """The direct path for slices that fit in one window gives what SliceInferer gives."""
     from brats_psp.inference import PLANE_AXES, RegionProbabilities, _predict_plane, _slice_inferer
-    from brats_psp.segment import load_model
+    from brats_psp.checkpoint import load_model
 
     net = RegionProbabilities(load_model(str(checkpoint)).network, "sigmoid").eval()
     cfg = load_config(None, ["infer.roi_size=[32,32]", "infer.batch_size=7"]).infer
@@ -202,7 +201,7 @@ def test_whole_slice_batches_equal_monai_slice_inferer(checkpoint: Path, plane: 
 def test_slices_larger_than_the_window_slide_with_monai(checkpoint: Path) -> None:
     from brats_psp.inference import predict_volume
     from brats_psp.runtime import setup_runtime
-    from brats_psp.segment import load_model
+    from brats_psp.checkpoint import load_model
 
     cfg = load_config(None, ["infer.roi_size=[16,16]", "infer.overlap=0.5"]).infer
     probs = predict_volume(load_model(str(checkpoint)).network, torch.randn(4, 40, 35, 5), cfg, setup_runtime("cpu", "fp32"))

@@ -11,7 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint, save_checkpoint
 from brats_psp.config import Config, load_config
-from brats_psp.training import train
+from brats_psp.checkpoint import resolve_checkpoint
+from brats_psp.runtime import setup_runtime
+from brats_psp.training import finish_run, log_run_setup, prepare_data, run_epoch, start_run, train
 from tests.conftest import REPO, write_case
 
 
@@ -54,8 +56,13 @@ def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> No
     for key in ("train/loss", "train/class_loss", "val/dice_WT", "val/dice_TC", "val/dice_ET", "val/dice_mean", "train/lr", "train/slices_per_s"):
         steps = [m.step for m in client.get_metric_history(result.run_id, key)]
         assert steps == [0, 1], key
-    for m in client.get_metric_history(result.run_id, "val/dice_mean"):
-        assert 0.0 <= m.value <= 1.0
+    # val/dice_mean is the mean of the three regions' Dice, and best/dice_mean the best of them
+    history = {key: [m.value for m in client.get_metric_history(result.run_id, f"val/dice_{key}")] for key in ("WT", "TC", "ET", "mean")}
+    for epoch in range(2):
+        regions = [history[r][epoch] for r in ("WT", "TC", "ET")]
+        assert history["mean"][epoch] == pytest.approx(sum(regions) / 3)
+        assert result.history[epoch]["val/dice_WT"] == pytest.approx(regions[0])  # history.json agrees
+    assert run.data.metrics["best/dice_mean"] == pytest.approx(max(history["mean"])) == pytest.approx(result.best_metric)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "learning_curves.png", "val_overlay.png", "history.json", "checkpoints"} <= artifacts
 
@@ -125,7 +132,9 @@ def test_tri_planar_training_and_validation(tiny_data: Path, tmp_path: Path) -> 
     cfg = smoke_config(tmp_path, "train.epochs=1", f"data.planes={planes}", f"infer.planes={planes}")
     result = train(cfg, data=tiny_data, progress=False)
     (entry,) = result.history
-    assert 0.0 <= entry["val/dice_mean"] <= 1.0 and entry["train/loss"] > 0
+    # validation ran over the three planes' fused prediction: its mean is that of the regions
+    assert entry["val/dice_mean"] == pytest.approx((entry["val/dice_WT"] + entry["val/dice_TC"] + entry["val/dice_ET"]) / 3)
+    assert entry["train/loss"] > 0
     assert config_of(load_checkpoint(result.best_checkpoint)).data.planes == ["axial", "coronal", "sagittal"]
 
 
@@ -141,3 +150,42 @@ def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path) -> None:
     (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_the_stage_steps_run_one_by_one_and_checkpoints_resolve_from_every_name(tiny_data: Path, tmp_path: Path) -> None:
+    """train() is prepare_data -> start_run -> run_epoch per epoch -> finish_run; each is callable on its own,
+    and resolve_checkpoint finds the run's checkpoints from a file, the run folder's name and the MLflow run ID."""
+    cfg = smoke_config(tmp_path, "tracking.log_model=false", "train.val_every=2")
+    runtime = setup_runtime("cpu", "fp32")
+    data = prepare_data(cfg, tiny_data, runtime, progress=False)
+    assert data.source == tiny_data.resolve() and (data.cache / "datalist.json").is_file()
+    assert len(data.train_dirs) == 2 and len(data.val_dirs) == 2 and not set(data.train_dirs) & set(data.val_dirs)
+    run = start_run(cfg, runtime, data)
+    status = "FAILED"
+    try:
+        log_run_setup(run)
+        first = run_epoch(run, 0, progress=False)
+        assert "val/dice_mean" not in first and run.best == -1.0  # validation is due every 2 epochs
+        assert load_checkpoint(run.last_path)["epoch"] == 0 and not run.best_path.exists()
+        second = run_epoch(run, 1, progress=False)
+        assert run.best == second["val/dice_mean"] and run.best_epoch == 1
+        result = finish_run(run)
+        status = "FINISHED"
+    finally:
+        run.tracker.end(status)
+    assert [h["epoch"] for h in result.history] == [0, 1] and result.best_checkpoint == run.best_path
+    assert (run.run_dir / "learning_curves.png").is_file() and (run.run_dir / "config.yaml").is_file()
+
+    assert resolve_checkpoint(run.last_path) == run.last_path
+    assert resolve_checkpoint(run.run_id, "last", cfg.train.output_dir) == run.last_path  # the run folder
+    assert resolve_checkpoint(run.run_id, "best", tracking_uri=cfg.tracking.uri) == run.best_path  # its run_dir tag
+    assert resolve_checkpoint(f"runs:/{run.run_id}/model", tracking_uri=cfg.tracking.uri) == run.best_path
+    # without the run's folder on this machine, best.pt comes from the run's artifacts
+    moved = run.run_dir.rename(tmp_path / "elsewhere")
+    downloaded = resolve_checkpoint(run.run_id, "best", tracking_uri=cfg.tracking.uri)
+    assert downloaded != run.best_path and load_checkpoint(downloaded)["epoch"] == 1
+    with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):  # training logs best.pt only
+        resolve_checkpoint(run.run_id, "last", cfg.train.output_dir, cfg.tracking.uri)
+    with pytest.raises(CheckpointError, match="not a checkpoint file"):
+        resolve_checkpoint("no-such-run", tracking_uri=cfg.tracking.uri)
+    assert moved.is_dir()
