@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         cfg = load_config(args.config, args.overrides)
         torch.manual_seed(0)
-        net = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).eval()
+        net = build_network(cfg.model, cfg.data.in_channels).eval()
         loaded = LoadedModel(net, cfg, Path("<random weights>"), None)
     loaded.config.train.device = args.device
     cfg = loaded.config

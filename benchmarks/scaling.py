@@ -42,7 +42,7 @@ def random_checkpoint(path: Path, config: str) -> Path:
     """The config's network with random weights, as a checkpoint (time does not depend on weights)."""
     cfg = load_config(config)
     torch.manual_seed(0)
-    net = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+    net = build_network(cfg.model, cfg.data.in_channels)
     state = {"model": net.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None}
     return save_checkpoint(path, state)
 

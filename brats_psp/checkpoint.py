@@ -86,11 +86,10 @@ def config_of(state: dict[str, Any]) -> Config:
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the network of a checkpoint and load its weights (eval mode, on CPU)."""
-    from brats_psp.config import config_to_dict
     from brats_psp.networks import build_network
 
     cfg = config_of(state)
-    model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+    model = build_network(cfg.model, cfg.data.in_channels)
     model.load_state_dict(state["model"])
     return model.eval()
 

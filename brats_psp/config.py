@@ -98,11 +98,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network (see :func:`brats_psp.networks.build_network`)."""
+    """The network: the one schema of its settings (defaults, types, limits), read by
+    :func:`brats_psp.networks.build_network`.
+
+    ``depth`` is one of the dilated ResNet's depths (``networks.resnet.RESNET_DEPTHS``); the
+    widths are positive integers and ``dropout`` lies in [0, 1): the limits the network
+    modules check again when built directly. ``seed_pspnet`` fixes its own head and ignores
+    ``psp_channels``, ``decoder``, ``class_head``, ``deep_supervision``, ``dropout`` and
+    ``decoder_channels``.
+    """
 
     name: Literal["pspnet", "seed_pspnet"] = "pspnet"
-    depth: Literal[18, 34, 50] = 18
-    width: int = 16
+    depth: Literal[18, 34, 50, 101] = 18
+    width: int = 16  # base channels of the ResNet (64 in the paper)
     bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     psp_channels: int = 128
     decoder: Literal["progressive", "bilinear"] = "progressive"
@@ -113,11 +121,28 @@ class ModelConfig:
     decoder_channels: list[int] | None = None  # progressive decoder widths; None: derived from psp_channels
 
     def validate(self) -> None:
-        _check(self.decoder_channels is None or len(self.decoder_channels) == 3, "model.decoder_channels", self.decoder_channels, "null or 3 integers")
-        _check(self.width >= 4, "model.width", self.width, ">= 4")
+        dec = self.decoder_channels
+        _check(dec is None or (len(dec) == 3 and all(c >= 1 for c in dec)), "model.decoder_channels", dec, "null or 3 positive integers")
+        _check(self.width >= 1, "model.width", self.width, "a positive integer")
         _check(len(self.bins) > 0 and all(b >= 1 for b in self.bins), "model.bins", self.bins, "positive integers")
-        _check(self.psp_channels >= 4, "model.psp_channels", self.psp_channels, ">= 4")
+        _check(self.psp_channels >= 1, "model.psp_channels", self.psp_channels, "a positive integer")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """A checked ``ModelConfig`` from a mapping of ``model`` keys (absent keys: the defaults).
+
+        Raises:
+            ConfigError: an unknown key, a wrong type or a value out of range, naming the key.
+        """
+        model = cls()
+        hints = _section_hints(cls)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key model.{key}; known keys: {sorted(hints)}")
+            setattr(model, key, _coerce(value, hints[key], f"model.{key}"))
+        model.validate()
+        return model
 
 
 @dataclass

@@ -258,7 +258,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg: Config, runtime: Runtime, steps_per_epoch: int) -> Trainer:
         """A fresh network (channels-last, on the runtime's device) and everything around it."""
-        model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
+        model = build_network(cfg.model, cfg.data.in_channels).to(runtime.device, memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg)
         return cls(
             model=model,

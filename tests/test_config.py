@@ -30,8 +30,22 @@ def test_defaults_without_a_file() -> None:
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_resolves(path: Path) -> None:
+    # each shipped config builds its network, and the network takes the config's input channels
+    import torch
+
+    from brats_psp.networks import build_network
+
     cfg = load_config(path)
-    assert cfg.data.in_channels == 4 * (2 * cfg.data.context_slices + 1)
+    net = build_network(cfg.model, cfg.data.in_channels).eval()
+    with torch.inference_mode():
+        out = net(torch.zeros(1, cfg.data.in_channels, 33, 31))
+    assert out.masks.shape == (1, 3 if cfg.model.output == "sigmoid" else 4, 33, 31)
+
+
+def test_input_channels_are_four_contrasts_per_slice_of_the_slab() -> None:
+    assert load_config(CONFIGS / "smoke.yaml").data.in_channels == 4  # 2D
+    assert load_config(CONFIGS / "default.yaml").data.in_channels == 12  # 2.5D: 3 slices of 4 contrasts
+    assert load_config(None, ["data.context_slices=2"]).data.in_channels == 20
 
 
 def test_default_yaml_lists_exactly_the_code_defaults() -> None:
@@ -64,7 +78,7 @@ def test_dotted_overrides_are_typed() -> None:
         ("train.deterministic=1", "train.deterministic: expected bool"),
         ("model.bins=6", "model.bins: expected a list"),
         ("model.bins=[1,x]", r"model.bins\[1\]: expected int"),
-        ("model.depth=19", r"model.depth: 19 is not one of \[18, 34, 50\]"),
+        ("model.depth=19", r"model.depth: 19 is not one of \[18, 34, 50, 101\]"),
         ("train.lr=-0.1", "train.lr: -0.1 is out of range"),
         ("data.fold=7", "data.fold: 7 is out of range"),
         ("epochs=3", "must be section.key"),

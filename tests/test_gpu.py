@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from brats_psp.config import Config, config_to_dict, load_config
+from brats_psp.config import Config, load_config
 from brats_psp.data.discovery import discover_cases
 from brats_psp.inference import predict_volume
 from brats_psp.networks import build_network
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _network(seed: int = 0) -> tuple[torch.nn.Module, Config]:
     cfg = load_config(REPO / "configs" / "smoke.yaml")
     torch.manual_seed(seed)
-    return build_network(config_to_dict(cfg)["model"], cfg.data.in_channels).eval(), cfg
+    return build_network(cfg.model, cfg.data.in_channels).eval(), cfg
 
 
 @pytest.mark.parametrize("precision, max_mean_diff", [("fp32", 1e-3), ("bf16", 2e-2)])

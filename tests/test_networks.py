@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from torch import nn
 
+from brats_psp.config import ModelConfig, load_config
 from brats_psp.labels import REGION_NAMES
 from brats_psp.networks import (
-    MODEL_DEFAULTS,
+    DECODERS,
+    OUTPUT_MODES,
+    RESNET_DEPTHS,
     DilatedResNet,
     PSPNet,
     PSPNetOutput,
@@ -17,6 +22,7 @@ from brats_psp.networks import (
     count_parameters,
     region_probabilities,
 )
+from tests.conftest import REPO
 
 B, C, H, W = 2, 4, 61, 75  # odd H and W, not multiples of 8
 SMALL = {"width": 16, "psp_channels": 64}
@@ -211,30 +217,45 @@ def test_build_network_from_dict():
 
 
 def test_build_network_defaults_and_seed():
+    # one set of defaults: a mapping without keys, a default ModelConfig and configs/default.yaml agree
     model = build_network({}, in_channels=4)
     assert isinstance(model, PSPNet)
-    assert model.backbone.depth == MODEL_DEFAULTS["depth"] and model.backbone.width == 64
+    assert model.backbone.depth == 18 and model.backbone.width == 16
     assert model.output == "sigmoid" and model.class_head is not None and model.aux_head is None
+    default = build_network(load_config(REPO / "configs" / "default.yaml").model, in_channels=4)
+    assert count_parameters(default) == count_parameters(model) == count_parameters(build_network(ModelConfig(), 4))
     seed = build_network({"name": "seed_pspnet", "depth": 18, "width": 8}, in_channels=4)
     assert isinstance(seed, SeedPSPNet) and seed.feats.depth == 18
-    assert count_parameters(seed) == sum(p.numel() for p in seed.parameters())
+
+
+def test_the_model_schema_and_the_network_modules_accept_the_same_values():
+    hints = typing.get_type_hints(ModelConfig)
+    assert set(typing.get_args(hints["depth"])) == set(RESNET_DEPTHS)
+    assert set(typing.get_args(hints["decoder"])) == set(DECODERS)
+    assert set(typing.get_args(hints["output"])) == set(OUTPUT_MODES)
+    # every depth the schema accepts builds, and one it refuses the backbone refuses too
+    for depth in RESNET_DEPTHS:
+        assert build_network(ModelConfig(depth=depth, width=4, psp_channels=8), 4).backbone.depth == depth
+    with pytest.raises(ValueError, match="depth"):
+        DilatedResNet(152, 4, 8)
 
 
 @pytest.mark.parametrize(
     "cfg, shown",
     [
-        ({"name": "unet"}, "'name'.*'unet'"),
-        ({"depth": 152}, "'depth'.*152"),
-        ({"depth": True}, "'depth'.*True"),
-        ({"width": 0}, "'width'.*0"),
-        ({"bins": [1, 0]}, r"'bins'.*\[1, 0\]"),
-        ({"decoder": "fpn"}, "'decoder'.*'fpn'"),
-        ({"output": "logits"}, "'output'.*'logits'"),
-        ({"class_head": "yes"}, "'class_head'.*'yes'"),
-        ({"deep_supervision": 1}, "'deep_supervision'.*1"),
-        ({"dropout": 1.0}, "'dropout'.*1.0"),
-        ({"psp_channels": "512"}, "'psp_channels'.*'512'"),
-        ({"deph": 18}, "deph"),
+        ({"name": "unet"}, "model.name: 'unet'"),
+        ({"depth": 152}, r"model.depth: 152 is not one of \[18, 34, 50, 101\]"),
+        ({"depth": True}, "model.depth: True"),
+        ({"width": 0}, "model.width: 0"),
+        ({"bins": [1, 0]}, r"model.bins: \[1, 0\]"),
+        ({"decoder": "fpn"}, "model.decoder: 'fpn'"),
+        ({"output": "logits"}, "model.output: 'logits'"),
+        ({"class_head": "yes"}, "model.class_head: expected bool"),
+        ({"deep_supervision": 1}, "model.deep_supervision: expected bool"),
+        ({"dropout": 1.0}, "model.dropout: 1.0"),
+        ({"psp_channels": "512"}, "model.psp_channels: expected int"),
+        ({"decoder_channels": [8, 8]}, r"model.decoder_channels: \[8, 8\]"),
+        ({"deph": 18}, "unknown key model.deph"),
     ],
 )
 def test_build_network_rejects_bad_config(cfg, shown):
@@ -243,9 +264,7 @@ def test_build_network_rejects_bad_config(cfg, shown):
 
 
 def test_count_parameters_trainable_only():
-    model = PSPNet(C, depth=18, width=8, psp_channels=16)
-    total = count_parameters(model)
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
-    assert count_parameters(model, trainable_only=True) == total - count_parameters(model.backbone)
-    assert count_parameters(model.backbone) > 0
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))  # (3*2 + 2) + (2*1 + 1) parameters
+    assert count_parameters(model) == 11
+    model[0].requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == 3 and count_parameters(model) == 11

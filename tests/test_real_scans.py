@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not REFERENCE.is_file(), reason="shared/data/rea
 def _untrained_checkpoint(folder: Path) -> Path:
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[3.0,3.0,3.0]", "infer.roi_size=[96,96]"])
     torch.manual_seed(0)
-    model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+    model = build_network(cfg.model, cfg.data.in_channels)
     path = folder / "model.pt"
     save_checkpoint(
         path,

@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained smoke-sized model: enough to check geometry and plumbing."""
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]"])
     torch.manual_seed(0)
-    model = build_network(config_to_dict(cfg)["model"], cfg.data.in_channels)
+    model = build_network(cfg.model, cfg.data.in_channels)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_checkpoint(
         path,
