@@ -33,7 +33,7 @@ from brats_psp.config import load_config
 from brats_psp.data.augment import BatchAugment
 from brats_psp.data.builtin import ensure_demo_dataset
 from brats_psp.data.preprocess import preprocess_dataset
-from brats_psp.data.slices import split_cases
+from brats_psp.data.cache import split_cases
 from brats_psp.runtime import setup_runtime
 from brats_psp.training import Trainer, augmented_batches, build_train_loader, loader_workers, seed_loader_epoch, train_step
 

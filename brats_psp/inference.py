@@ -23,7 +23,7 @@ from monai.inferers import SliceInferer
 from torch import nn
 
 from brats_psp.config import InferConfig
-from brats_psp.data.slices import PLANE_AXES, centre_pad
+from brats_psp.data.geometry import PLANE_AXES, centre_pad
 from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
@@ -57,7 +57,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def add_context(image: torch.Tensor, context: int, axis: int = 2) -> torch.Tensor:
     """C × X × Y × Z -> C·(2k+1) × X × Y × Z: each slice along spatial ``axis`` with ``k`` neighbours each side.
 
-    The channel order matches :meth:`brats_psp.data.slices.CachedVolume.slab` (neighbour-major,
+    The channel order matches :meth:`brats_psp.data.cache.CachedVolume.slab` (neighbour-major,
     edges repeated).
     """
     if context == 0:

@@ -16,7 +16,6 @@ talks to MLflow.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,7 +38,8 @@ from brats_psp.config import Config, config_to_dict, save_config
 from brats_psp.cpus import available_cores
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.augment import BatchAugment, batch_seed
-from brats_psp.data.slices import CachedVolume, SliceDataset, TumourRatioSampler, slice_transforms, split_cases
+from brats_psp.data.cache import CachedVolume, read_summary, split_cases
+from brats_psp.data.slices import SliceDataset, TumourRatioSampler, slice_transforms
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.inference import RegionProbabilities, predict_volume
 from brats_psp.io import remove_stale_temporaries, write_json
@@ -398,7 +398,7 @@ def prepare_data(cfg: Config, data: str | Path | None, runtime: Runtime, progres
     train_dirs, val_dirs = split_cases(cache, cfg.data.fold)
     if not train_dirs or not val_dirs:
         raise ValueError(f"fold {cfg.data.fold} of {cache} leaves {len(train_dirs)} training and {len(val_dirs)} validation case(s); need both")
-    return TrainingData(source, cache, train_dirs, val_dirs, _read_summary(cache))
+    return TrainingData(source, cache, train_dirs, val_dirs, read_summary(cache))
 
 
 def start_run(
@@ -588,10 +588,3 @@ def train(
             clear_running(run.run_dir)
         shutdown(runtime)
     return result
-
-
-def _read_summary(cache: Path) -> dict[str, Any]:
-    try:
-        return json.loads((cache / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}

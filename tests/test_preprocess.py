@@ -11,7 +11,8 @@ import pytest
 
 from brats_psp.config import DataConfig
 from brats_psp.data.discovery import discover_cases
-from brats_psp.data.preprocess import kfold_assignment, load_cache_meta, preprocess_dataset
+from brats_psp.data.cache import kfold_assignment, load_entry_meta
+from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.data.transforms import apply_transforms, volume_transforms
 from brats_psp.labels import Tissue
 from tests.conftest import BRATS_AFFINE, REAL_CASE, write_case
@@ -98,10 +99,10 @@ def test_corrupted_cache_entry_is_rebuilt(small_dataset: Path, tmp_path: Path) -
     raw = bytearray(path.read_bytes())
     raw[-10] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(raw))
-    assert load_cache_meta(path.parent) is None
+    assert load_entry_meta(path.parent) is None
     again = preprocess_dataset(small_dataset, out, progress=False)
     assert again.processed == ["BraTS2021_00002"]
-    assert load_cache_meta(path.parent) is not None
+    assert load_entry_meta(path.parent) is not None
 
 
 def test_changed_input_is_reprocessed(small_dataset: Path, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from brats_psp.config import DataConfig
 from brats_psp.data.preprocess import preprocess_dataset
-from brats_psp.data.slices import SliceDataset, TumourRatioSampler, random_states, slice_transforms, split_cases
+from brats_psp.data.cache import split_cases
+from brats_psp.data.slices import SliceDataset, TumourRatioSampler, random_states, slice_transforms
 from brats_psp.labels import REGION_NAMES, Tissue, tissue_to_regions
 
 
@@ -144,7 +145,7 @@ def test_region_names_order() -> None:
 @pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
 def test_slices_of_every_plane_match_what_inference_sees(cache: Path, plane: str) -> None:
     """Training slices (and 2.5D context) along each plane are the slices SliceInferer cuts."""
-    from brats_psp.data.slices import PLANE_AXES
+    from brats_psp.data.geometry import PLANE_AXES
     from brats_psp.inference import add_context
 
     train, _ = split_cases(cache, fold=0)

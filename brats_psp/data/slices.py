@@ -19,7 +19,6 @@ A sample is ``{"image": float32 (4·(2k+1), H, W), "label": float32 (3, H, W) re
 from __future__ import annotations
 
 import contextlib
-import json
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,12 +37,11 @@ from monai.transforms import (
 from torch.utils.data import Dataset, Sampler
 
 from brats_psp.config import DataConfig
+from brats_psp.data.cache import CachedVolume
+from brats_psp.data.geometry import PLANE_AXES, centre_pad
+from brats_psp.labels import REGION_NAMES, tissue_to_regions
 
-#: Slice axis (spatial, of a RAS volume X × Y × Z) of each plane; shared with inference.
-PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
-from brats_psp.labels import REGION_NAMES, region_presence, tissue_to_regions
-
-__all__ = ["CachedVolume", "SliceDataset", "TumourRatioSampler", "random_states", "reseed", "slice_transforms", "read_datalist", "split_cases"]
+__all__ = ["SliceDataset", "TumourRatioSampler", "PadToSized", "random_states", "reseed", "slice_transforms"]
 
 
 @contextlib.contextmanager
@@ -62,97 +60,6 @@ def _plain_tensors() -> Iterator[None]:
     finally:
         set_track_meta(previous)
         torch.set_num_threads(threads)
-
-
-def read_datalist(cache_dir: str | Path) -> list[dict[str, Any]]:
-    """All entries (training and validation) of a preprocessed cache's datalist."""
-    body = json.loads((Path(cache_dir) / "datalist.json").read_text())
-    return [*body.get("training", []), *body.get("validation", [])]
-
-
-def split_cases(cache_dir: str | Path, fold: int) -> tuple[list[Path], list[Path]]:
-    """Cache folders of the training and validation cases for ``fold`` (labelled cases only)."""
-    cache_dir = Path(cache_dir)
-    entries = sorted(read_datalist(cache_dir), key=lambda e: e["case_id"])
-    labelled = [e for e in entries if e.get("label")]
-    train = [cache_dir / e["cache"] for e in labelled if e["fold"] != fold]
-    val = [cache_dir / e["cache"] for e in labelled if e["fold"] == fold]
-    return train, val
-
-
-class CachedVolume:
-    """One preprocessed case, opened lazily as memory maps (safe to pickle into workers)."""
-
-    def __init__(self, case_dir: str | Path) -> None:
-        self.case_dir = Path(case_dir)
-        self.meta: dict[str, Any] = json.loads((self.case_dir / "meta.json").read_text())
-        self.case_id: str = self.meta["case_id"]
-        self.num_slices: int = int(self.meta["shape"][2])
-        self._image: np.ndarray | None = None
-        self._label: np.ndarray | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_image": None, "_label": None}
-
-    @property
-    def image(self) -> np.ndarray:
-        """float16 (Z, 4, X, Y) memory map."""
-        if self._image is None:
-            self._image = np.load(self.case_dir / "image.npy", mmap_mode="r")
-        return self._image
-
-    @property
-    def label(self) -> np.ndarray:
-        """uint8 (Z, X, Y) tissue codes, memory map."""
-        if self._label is None:
-            self._label = np.load(self.case_dir / "label.npy", mmap_mode="r")
-        return self._label
-
-    @property
-    def presence(self) -> np.ndarray:
-        """uint8 (Z, 3): which regions each axial slice contains."""
-        return np.asarray(self.meta["presence"], dtype=np.uint8).reshape(self.num_slices, len(REGION_NAMES))
-
-    def length(self, axis: int) -> int:
-        """Number of slices along spatial ``axis`` (0 sagittal X, 1 coronal Y, 2 axial Z)."""
-        x, y, z = self.meta["shape"]
-        return (x, y, z)[axis]
-
-    def slab(self, i: int, context: int, axis: int = 2) -> np.ndarray:
-        """float32 (4·(2k+1), A, B): slice ``i`` along spatial ``axis`` with ``context`` neighbours
-        each side (edges repeated); (A, B) are the other two axes in X, Y, Z order, as
-        :class:`~monai.inferers.SliceInferer` cuts them."""
-        idx = np.clip(np.arange(i - context, i + context + 1), 0, self.length(axis) - 1)
-        if axis == 2:  # axial: contiguous rows of the (Z, C, X, Y) cache
-            slab = np.asarray(self.image[idx] if context else self.image[i : i + 1], dtype=np.float32)
-        elif axis == 1:  # coronal: (Z, C, X, k) -> (k, C, X, Z)
-            slab = np.asarray(self.image[:, :, :, idx], dtype=np.float32).transpose(3, 1, 2, 0)
-        else:  # sagittal: (Z, C, k, Y) -> (k, C, Y, Z)
-            slab = np.asarray(self.image[:, :, idx, :], dtype=np.float32).transpose(2, 1, 3, 0)
-        return np.ascontiguousarray(slab).reshape(-1, *slab.shape[2:])
-
-    def label_slice(self, i: int, axis: int = 2) -> np.ndarray:
-        """uint8 (A, B) tissue codes of slice ``i`` along spatial ``axis``."""
-        if axis == 2:
-            return np.asarray(self.label[i])
-        return np.asarray(self.label[:, :, i] if axis == 1 else self.label[:, i, :]).T
-
-    def presence_along(self, axis: int) -> np.ndarray:
-        """uint8 (N, 3): which regions each slice along ``axis`` contains."""
-        if axis == 2:
-            return self.presence
-        regions = tissue_to_regions(np.asarray(self.label).transpose(1, 2, 0))  # (3, X, Y, Z)
-        return region_presence(regions, axis=axis)
-
-
-def centre_pad(shape: Sequence[int], size: Sequence[int]) -> list[int]:
-    """``F.pad`` widths that zero-pad the last ``len(size)`` axes of ``shape`` to at least ``size``,
-    split evenly before and after with the odd voxel after (MONAI's ``SpatialPad`` symmetric method)."""
-    pads: list[int] = []
-    for n, want in zip(reversed(shape[-len(size):]), reversed(size)):  # F.pad lists the last axis first
-        diff = max(want - n, 0)
-        pads += [diff // 2, diff - diff // 2]
-    return pads
 
 
 class PadToSized(MapTransform):
