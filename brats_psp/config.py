@@ -213,6 +213,7 @@ class InferConfig:
 class TrackingConfig:
     """MLflow: where runs go and what is logged."""
 
+    enabled: bool = True  # false: no MLflow at all (the run folder is outputs/offline-<time>)
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     experiment: str = "brats_psp"
     run_name: str | None = None

@@ -48,7 +48,7 @@ from brats_psp.losses import LossTerms, PSPLoss
 from brats_psp.metrics import dice
 from brats_psp.networks import build_network, count_parameters
 from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
-from brats_psp.tracking import RunTracker, clear_running, git_commit, mark_running, resolve_tracking_uri
+from brats_psp.tracking import NullTracker, RunTracker, clear_running, git_commit, make_tracker, mark_running, resolve_tracking_uri
 
 __all__ = [
     "TrainResult",
@@ -350,7 +350,7 @@ class TrainingRun:
     data: TrainingData
     trainer: Trainer
     loader: DataLoader
-    tracker: RunTracker
+    tracker: RunTracker | NullTracker
     run_id: str | None
     run_dir: Path
     start_epoch: int = 0
@@ -421,10 +421,15 @@ def start_run(
     if runtime.distributed:
         trainer.model = DistributedDataParallel(trainer.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
-    tracker = RunTracker(cfg, enabled=runtime.is_main)
+    tracker = make_tracker(cfg, runtime.is_main)
     default_name = f"{cfg.model.name}-r{cfg.model.depth}w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracker.start(run_id=run_id, run_name=cfg.tracking.run_name or default_name) if runtime.is_main else None
-    run_name = run_id or f"offline-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.start(run_id=run_id, run_name=cfg.tracking.run_name or default_name)
+    if run_id:
+        run_name = run_id
+    elif resumed_from is not None:  # an offline run goes on in its own folder
+        run_name = resumed_from.resolve().parent.parent.name
+    else:
+        run_name = f"offline-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, run_name = _broadcast((run_id, run_name), runtime)
     run = TrainingRun(cfg, runtime, data, trainer, loader, tracker, run_id, Path(cfg.train.output_dir) / run_name, **progress_state)
     tracker.fallback_dir = run.run_dir

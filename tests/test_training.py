@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint, save_checkpoint
-from brats_psp.config import Config, load_config
+from brats_psp.config import Config, apply_overrides, config_to_dict, load_config
 from brats_psp.checkpoint import resolve_checkpoint
 from brats_psp.runtime import setup_runtime
 from brats_psp.training import finish_run, log_run_setup, prepare_data, run_epoch, start_run, train
@@ -189,3 +189,15 @@ def test_the_stage_steps_run_one_by_one_and_checkpoints_resolve_from_every_name(
     with pytest.raises(CheckpointError, match="not a checkpoint file"):
         resolve_checkpoint("no-such-run", tracking_uri=cfg.tracking.uri)
     assert moved.is_dir()
+
+
+def test_training_without_mlflow_writes_no_store_and_resumes_in_its_folder(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.epochs=1")
+    result = train(cfg, data=tiny_data, progress=False)
+    assert result.run_id is None and result.run_dir.name.startswith("offline-")
+    assert result.best_checkpoint.is_file() and not (tmp_path / "mlflow.db").exists()
+    more = apply_overrides(config_of(load_checkpoint(result.last_checkpoint)), ["train.epochs=2"])
+    save_checkpoint(result.last_checkpoint, {**load_checkpoint(result.last_checkpoint), "config": config_to_dict(more)})
+    resumed = train(cfg, resume=result.run_dir.name, progress=False)  # the run folder's name
+    assert resumed.run_dir == result.run_dir and [h["epoch"] for h in resumed.history] == [0, 1]
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,124 @@
+"""Where tracking data goes: the MLflow store, the files a run keeps in its folder, how a model is logged.
+
+Shared by the live tracker (:mod:`brats_psp.tracking.live`) and the replay of calls that could
+not be sent (:mod:`brats_psp.tracking.replay`). Public MLflow API only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from brats_psp.config import Config
+from brats_psp.io import write_text
+
+__all__ = [
+    "PENDING_FILE",
+    "REPLAYED_FILE",
+    "RUNNING_FILE",
+    "mark_running",
+    "clear_running",
+    "training_process",
+    "resolve_tracking_uri",
+    "configure_tracking",
+    "git_commit",
+    "param_value",
+    "model_signature",
+    "log_pytorch_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: MLflow's limit on the length of a param value.
+MAX_PARAM_CHARS = 6000
+#: Where a run keeps the MLflow calls that failed, and where they go once replayed.
+PENDING_FILE = "mlflow_pending.jsonl"
+REPLAYED_FILE = "mlflow_pending.replayed.jsonl"
+#: A training run keeps this file in its folder while it runs: its process id and host.
+RUNNING_FILE = "training.running"
+
+
+def mark_running(run_dir: Path) -> None:
+    """Record that this process is training ``run_dir`` (see :func:`training_process`)."""
+    write_text(Path(run_dir) / RUNNING_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def clear_running(run_dir: Path) -> None:
+    (Path(run_dir) / RUNNING_FILE).unlink(missing_ok=True)
+
+
+def training_process(run_dir: Path) -> str | None:
+    """Who is still training ``run_dir`` ("process N on HOST"), or ``None``.
+
+    A marker left by a killed run (its process gone) does not count; a marker from another
+    host counts, since it cannot be checked from here.
+    """
+    try:
+        info = json.loads((Path(run_dir) / RUNNING_FILE).read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return f"process {pid} on {host}"
+
+
+def resolve_tracking_uri(cfg: Config) -> str | None:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``None`` (MLflow's default store)."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def configure_tracking(cfg: Config) -> str:
+    """Point MLflow at the configured store; return the URI in use."""
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg)
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    return mlflow.get_tracking_uri()
+
+
+def git_commit() -> str:
+    """The commit of the checkout brats_psp runs from, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def model_signature(model: Any, input_example: Any) -> Any:
+    """The MLflow signature of ``model`` from one forward pass on ``input_example``."""
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.inference_mode():
+        output = model(input_example)
+    return infer_signature(input_example.numpy(), output.float().numpy())
+
+
+def log_pytorch_model(model: Any, signature: Any, registered_name: str | None) -> None:
+    """``mlflow.pytorch.log_model`` into the active run as ``model``."""
+    import mlflow
+
+    mlflow.pytorch.log_model(
+        model, name="model", serialization_format="pickle", signature=signature, registered_model_name=registered_name
+    )
+
+
+def param_value(value: Any) -> str:
+    """A config value as an MLflow param (lists and dicts as JSON, cut to MLflow's limit)."""
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:MAX_PARAM_CHARS]
