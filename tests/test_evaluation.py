@@ -67,6 +67,20 @@ def test_hd95_matches_an_independent_implementation(shift: int, spacing: tuple[f
     assert hd95(a, b, spacing) == pytest.approx(hd95(b, a, spacing))
 
 
+def test_hd95_is_the_95th_percentile_not_another_one() -> None:
+    # a far false-positive slab holds 7.4 % of the pooled surface distances: above the 90th
+    # percentile (0 mm, the rest of the surface matches) and below the 95th (6.7 mm)
+    a = _tumour() > 0
+    b = a.copy()
+    b[2:12, 2:12, 24:28] = True
+    pa, pb = _surface_points(a), _surface_points(b)
+    pooled = np.concatenate([cKDTree(pb).query(pa)[0], cKDTree(pa).query(pb)[0]])
+    assert 0.05 < float((pooled > 0).mean()) < 0.10
+    assert np.percentile(pooled, 90) == 0.0
+    assert hd95(a, b) == pytest.approx(np.sqrt(6**2 + 3**2), abs=1e-6)  # 6.708 mm
+    assert hd95(a, b) == pytest.approx(float(np.percentile(pooled, 95)), abs=1e-6)
+
+
 def test_empty_mask_conventions() -> None:
     empty, full = np.zeros(SHAPE, bool), _tumour() > 0
     assert (dice(empty, empty), hd95(empty, empty)) == (1.0, 0.0)

@@ -76,7 +76,9 @@ def test_train_on_gpu_then_segment_on_gpu_and_on_cpu(tmp_path: Path) -> None:
     result = train(cfg, data=raw, progress=False)
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["device"].startswith(torch.cuda.get_device_name())
-    assert 0.0 <= run.data.metrics["val/dice_mean"] <= 1.0
+    metrics = run.data.metrics
+    assert metrics["val/dice_mean"] == pytest.approx((metrics["val/dice_WT"] + metrics["val/dice_TC"] + metrics["val/dice_ET"]) / 3)
+    assert metrics["best/dice_mean"] == pytest.approx(result.best_metric)
 
     loaded = load_model(str(result.best_checkpoint))  # saved from the GPU, loaded on the CPU
     assert next(loaded.network.parameters()).device.type == "cpu"
