@@ -395,3 +395,21 @@ def test_inference_window_larger_than_the_volume(tmp_path: Path, checkpoint: Pat
 
     probs = predict_volume(load_model(str(checkpoint)).network, torch.randn(4, 21, 17, 9), cfg, setup_runtime("cpu", "fp32"))
     assert probs.shape == (3, 21, 17, 9) and 0 <= float(probs.min()) <= float(probs.max()) <= 1
+
+
+def test_require_brain_is_an_array_transform_with_a_dictionary_twin() -> None:
+    from monai.data import MetaTensor
+
+    from brats_psp.data.transforms import RequireBrain, RequireBraind
+
+    meta = {"case_id": "BraTS2021_00042", "filename_or_obj": "/data/BraTS2021_00042/BraTS2021_00042_t1.nii.gz"}
+    image = MetaTensor(torch.zeros(4, 5, 5, 5), meta=dict(meta))
+    image[0, 2, 2, 2] = 1.0
+    assert RequireBrain(min_voxels=1)(image) is image
+    with pytest.raises(CaseError) as err:
+        RequireBrain(min_voxels=2)(image)
+    assert "BraTS2021_00042" in str(err.value) and "BraTS2021_00042_t1.nii.gz" in str(err.value)
+    assert "only 1 voxel(s) are non-zero in any contrast" in str(err.value)
+    empty = {"image": MetaTensor(torch.zeros(4, 2, 2, 2), meta=dict(meta))}
+    with pytest.raises(CaseError, match=r"after resampling to \[3.0, 3.0, 3.0\] mm: every contrast is zero"):
+        RequireBraind("image", spacing=(3, 3, 3))(empty)

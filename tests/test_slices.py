@@ -166,10 +166,11 @@ def test_slices_of_every_plane_match_what_inference_sees(cache: Path, plane: str
 
 @pytest.mark.parametrize("shape", [(4, 100, 121), (3, 128, 90), (4, 130, 140), (1, 5, 7)])
 def test_pad_to_size_equals_monai_spatial_pad(shape: tuple[int, int, int]) -> None:
-    from monai.transforms import SpatialPadd
+    from monai.transforms import SpatialPad, SpatialPadd
 
-    from brats_psp.data.slices import PadToSized
+    from brats_psp.data.slices import PadToSize, PadToSized
 
     x = torch.randn(shape)
     expected = SpatialPadd(keys=["image"], spatial_size=(128, 128))({"image": x})["image"]
     torch.testing.assert_close(PadToSized(keys=["image"], size=(128, 128))({"image": x})["image"], torch.as_tensor(expected))
+    torch.testing.assert_close(PadToSize((128, 128))(x), torch.as_tensor(SpatialPad(spatial_size=(128, 128))(x)))

@@ -33,6 +33,7 @@ from monai.transforms import (
     Randomizable,
     RandSpatialCropd,
     MapTransform,
+    Transform,
 )
 from torch.utils.data import Dataset, Sampler
 
@@ -41,7 +42,7 @@ from brats_psp.data.cache import CachedVolume
 from brats_psp.data.geometry import PLANE_AXES, centre_pad
 from brats_psp.labels import REGION_NAMES, tissue_to_regions
 
-__all__ = ["SliceDataset", "TumourRatioSampler", "PadToSized", "random_states", "reseed", "slice_transforms"]
+__all__ = ["SliceDataset", "TumourRatioSampler", "PadToSize", "PadToSized", "random_states", "reseed", "slice_transforms"]
 
 
 @contextlib.contextmanager
@@ -62,21 +63,31 @@ def _plain_tensors() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class PadToSized(MapTransform):
-    """Zero-pad (C, H, W) tensors to at least ``size``, split evenly before and after (MONAI's
-    ``SpatialPadd`` symmetric method) with one ``F.pad``: the same output (tested) in 0.30 against
+class PadToSize(Transform):
+    """Zero-pad a (C, H, W) tensor to at least ``size``, split evenly before and after (MONAI's
+    ``SpatialPad`` symmetric method) with one ``F.pad``: the same output (tested) in 0.30 against
     0.54 ms for an image and label slice."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        img = torch.as_tensor(img)
+        pads = centre_pad(img.shape, self.size)
+        return torch.nn.functional.pad(img, pads) if any(pads) else img
+
+
+class PadToSized(MapTransform):
+    """Dictionary twin of :class:`PadToSize` over ``keys``."""
 
     def __init__(self, keys: str | Sequence[str], size: Sequence[int]) -> None:
         super().__init__(keys)
-        self.size = tuple(size)
+        self.pad = PadToSize(size)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key])
-            pads = centre_pad(img.shape, self.size)
-            d[key] = torch.nn.functional.pad(img, pads) if any(pads) else img
+            d[key] = self.pad(d[key])
         return d
 
 

@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms that turn a :class:`~brats_psp.data.discovery.Case` into a network-ready volume.
+"""MONAI transforms that turn a :class:`~brats_psp.data.discovery.Case` into a network-ready volume.
 
 The chain (:func:`volume_transforms`)::
 
@@ -10,6 +10,8 @@ The chain (:func:`volume_transforms`)::
     RequireBraind         refuse a case whose resampled volume has no brain voxel left
     NormalizeIntensityd   per-channel z-score inside the non-zero mask
 
+The project's own transforms follow MONAI's convention: the logic in an array transform
+(:class:`LoadBratsCase`, :class:`RequireBrain`), a thin dictionary twin over keys.
 Orientation, spacing and crop are MONAI invertible transforms: their inverse, applied to a
 prediction in the preprocessed space, maps it back to the input's grid (used by inference).
 Every problem with a file is a :class:`~brats_psp.errors.CaseError` naming case and file.
@@ -34,6 +36,7 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     Spacingd,
+    Transform,
 )
 
 from brats_psp.data.discovery import Case
@@ -43,7 +46,9 @@ from brats_psp.labels import LabelValueError, release_to_tissue
 
 __all__ = [
     "AXCODES",
+    "LoadBratsCase",
     "LoadBratsCased",
+    "RequireBrain",
     "RequireBraind",
     "load_case_arrays",
     "read_nifti",
@@ -181,22 +186,19 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
     return image, tissue, ref
 
 
-class LoadBratsCased(MapTransform):
-    """Load a case into MONAI ``MetaTensor``s.
+class LoadBratsCase(Transform):
+    """Load a :class:`~brats_psp.data.discovery.Case` into MONAI ``MetaTensor``s.
 
-    Input ``{"case": Case}``; output adds ``"image"`` (float32, 4 × X × Y × Z, channels T1, T1ce,
-    T2, FLAIR) and, when the case has one and ``with_label``, ``"label"`` (uint8 tissue codes
-    0 background, 1 NCR, 2 ED, 3 ET, 4 RC; 1 × X × Y × Z). Both carry the NIfTI affine.
+    Returns ``(image, label)``: image float32 (4, X, Y, Z), channels T1, T1ce, T2, FLAIR; label
+    uint8 (1, X, Y, Z) tissue codes 0 background, 1 NCR, 2 ED, 3 ET, 4 RC (converted from the
+    release's convention), or ``None`` when the case has none or ``with_label`` is false. Both
+    carry the NIfTI affine and the case id.
     """
 
-    def __init__(self, case_key: str = "case", with_label: bool = True) -> None:
-        super().__init__(keys=[case_key])
-        self.case_key = case_key
+    def __init__(self, with_label: bool = True) -> None:
         self.with_label = with_label
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        case: Case = d[self.case_key]
+    def __call__(self, case: Case) -> tuple[MetaTensor, MetaTensor | None]:
         image, tissue, ref = load_case_arrays(case, self.with_label)
         meta = {
             "affine": torch.as_tensor(ref.affine, dtype=torch.float64),
@@ -205,9 +207,24 @@ class LoadBratsCased(MapTransform):
             "filename_or_obj": str(case.images[0]),
             "case_id": case.case_id,
         }
-        d["image"] = MetaTensor(torch.from_numpy(image), meta=dict(meta))
-        if tissue is not None:
-            d["label"] = MetaTensor(torch.from_numpy(tissue[None]), meta=dict(meta))
+        label = None if tissue is None else MetaTensor(torch.from_numpy(tissue[None]), meta=dict(meta))
+        return MetaTensor(torch.from_numpy(image), meta=dict(meta)), label
+
+
+class LoadBratsCased(MapTransform):
+    """Dictionary twin of :class:`LoadBratsCase`: ``{"case": Case}`` -> adds ``"image"`` and,
+    when there is one, ``"label"``."""
+
+    def __init__(self, case_key: str = "case", with_label: bool = True) -> None:
+        super().__init__(keys=[case_key])
+        self.case_key = case_key
+        self.loader = LoadBratsCase(with_label)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d["image"], label = self.loader(d[self.case_key])
+        if label is not None:
+            d["label"] = label
         return d
 
 
@@ -216,22 +233,21 @@ def nonzero_any(image: torch.Tensor) -> torch.Tensor:
     return (image != 0).any(dim=0, keepdim=True)
 
 
-class RequireBraind(MapTransform):
-    """Raise a :class:`CaseError` when the image has no brain voxel (:func:`nonzero_any`) left.
+class RequireBrain(Transform):
+    """Return the (C, spatial) image as it is, or raise a :class:`CaseError` when fewer than
+    ``min_voxels`` voxels are non-zero in any contrast (:func:`nonzero_any`).
 
     Runs after the foreground crop and after resampling: without it a "brain" of a few
     voxels, or one that resampling wipes out at a coarse ``data.spacing``, fails deep inside
-    MONAI with a message that names neither the case nor the file.
+    MONAI with a message that names neither the case nor the file (both come from the
+    image's metadata).
     """
 
-    def __init__(self, key: str = "image", spacing: Sequence[float] | None = None, min_voxels: int = 1) -> None:
-        super().__init__(keys=[key])
-        self.key = key
+    def __init__(self, spacing: Sequence[float] | None = None, min_voxels: int = 1) -> None:
         self.spacing = None if spacing is None else [float(s) for s in spacing]
         self.min_voxels = min_voxels
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
-        image = data[self.key]
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
         n = int(nonzero_any(image).sum()) if image.numel() else 0
         if n < self.min_voxels:
             meta = getattr(image, "meta", {})
@@ -240,6 +256,19 @@ class RequireBraind(MapTransform):
                 f"only {n} voxel(s) are non-zero in any contrast, fewer than the {self.min_voxels} of even a tiny skull-stripped brain"
             )
             raise CaseError(str(meta.get("case_id", "?")), meta.get("filename_or_obj"), f"no brain voxel left{where}: {what}")
+        return image
+
+
+class RequireBraind(MapTransform):
+    """Dictionary twin of :class:`RequireBrain` on ``key``."""
+
+    def __init__(self, key: str = "image", spacing: Sequence[float] | None = None, min_voxels: int = 1) -> None:
+        super().__init__(keys=[key])
+        self.check = RequireBrain(spacing, min_voxels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        for key in self.key_iterator(dict(data)):
+            self.check(data[key])
         return data
 
 
