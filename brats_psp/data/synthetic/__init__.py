@@ -26,7 +26,7 @@ import numpy as np
 
 from brats_psp.data.layouts import LAYOUTS
 from brats_psp.data.release import case_paths, write_case, write_dataset
-from brats_psp.data.synthetic.anatomy import STRUCTURES, load_template, random_geometry, warp_anatomy
+from brats_psp.data.synthetic.anatomy import STRUCTURES, Anatomy, load_template, random_geometry, warp_anatomy
 from brats_psp.data.synthetic.appearance import draw_appearance, render, skull_strip_errors
 from brats_psp.data.synthetic.grid import BRATS_AFFINE, BRATS_SHAPE, smooth_noise
 from brats_psp.data.synthetic.lesion import LESION_CLASSES, LesionPlan, draw_lesion, plan_lesions
@@ -103,6 +103,29 @@ def _intersect(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[tupl
     return in_outer, in_inner
 
 
+def _paste_lesions(rng: np.random.Generator, plans: list[LesionPlan], anatomy: Anatomy) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Draw each lesion and paste it into the brain's box: the label rank map (uint8, the
+    higher label wins where lesions meet), each appearance class's weight (the larger wins)
+    and the heterogeneity texture (lesion textures added to a case-wide one)."""
+    box, shape = anatomy.box, anatomy.brain.shape
+    wm_full = anatomy.full(anatomy.wm)
+    brain_full = anatomy.full(anatomy.brain)
+    rank = np.zeros(shape, np.uint8)
+    weights = {name: np.zeros(shape, np.float32) for name in LESION_CLASSES}
+    texture = smooth_noise(rng, shape, float(rng.uniform(2.0, 6.0))) * np.float32(0.5)
+    for plan in plans:
+        les = draw_lesion(rng, plan, wm_full, brain_full)
+        overlap = _intersect(box, les.box)
+        if overlap is None:
+            continue
+        at, src = overlap
+        np.maximum(rank[at], _RANK[les.tissue[src]], out=rank[at])
+        for name in LESION_CLASSES:
+            np.maximum(weights[name][at], les.weights[name][src], out=weights[name][at])
+        texture[at] += les.texture[src]
+    return rank, weights, texture
+
+
 def generate_case(index: int, seed: int = 0, fmt: str = "brats2021") -> SyntheticCase:
     """Generate synthetic case ``index`` of the dataset with ``seed``.
 
@@ -124,27 +147,10 @@ def generate_case(index: int, seed: int = 0, fmt: str = "brats2021") -> Syntheti
     geo = random_geometry(rng, tpl)
     plans = plan_lesions(rng, index, geo, tpl)
     anatomy = warp_anatomy(rng, tpl, geo, [(p.centre_vox, p.push, p.push_radius) for p in plans])
-    box = anatomy.box
-    shape = anatomy.brain.shape
     t_anat = time.perf_counter()
 
     # 2. Lesions, pasted into the brain's box.
-    wm_full = anatomy.full(anatomy.wm)
-    brain_full = anatomy.full(anatomy.brain)
-    rank = np.zeros(shape, np.uint8)
-    weights = {name: np.zeros(shape, np.float32) for name in LESION_CLASSES}
-    texture = smooth_noise(rng, shape, float(rng.uniform(2.0, 6.0))) * np.float32(0.5)
-    for plan in plans:
-        les = draw_lesion(rng, plan, wm_full, brain_full)
-        overlap = _intersect(box, les.box)
-        if overlap is None:
-            continue
-        at, src = overlap
-        np.maximum(rank[at], _RANK[les.tissue[src]], out=rank[at])
-        for name in LESION_CLASSES:
-            np.maximum(weights[name][at], les.weights[name][src], out=weights[name][at])
-        texture[at] += les.texture[src]
-    del wm_full, brain_full
+    rank, weights, texture = _paste_lesions(rng, plans, anatomy)
     t_les = time.perf_counter()
 
     # 3. Appearance: skull-strip errors, then the four contrasts.

@@ -143,24 +143,21 @@ def _coverage(rng: np.random.Generator, shape: tuple[int, ...], spacing: float, 
     return np.clip((f - thr) * spacing * 0.5 + 0.5, 0.0, 1.0).astype(np.float32)
 
 
-def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brain: np.ndarray) -> Lesion:
-    """Draw the core (NCR/ET parts) and the edema of ``plan`` in a box of the output grid.
+def _edema_score(
+    rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brain: np.ndarray, amp: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edema's noisy logit at 2 mm over the lesion's box, and the box ``(lo, hi)`` (output
+    voxels, trimmed to the lesion's extent + margin, on even offsets).
 
-    ``wm`` (white-matter fraction, float32) and ``brain`` (bool) are full output-grid
-    arrays. The edema is the front of a reaction-diffusion process grown from the core at
-    2 mm resolution (fast in white matter), cut with a noisy threshold; the core and the
-    labels are drawn at 1 mm.
+    The front of ``u' = div(D grad u) + u (1 - u)`` grown from the core, with ``D`` high in
+    white matter, ~25x lower in grey matter and CSF, 0 outside the brain, modulated by a random
+    field (irregular, finger-like spread along the tracts); edema is where the score is > 0.
     """
     rmax = float(plan.radii.max())
-    amp = float(rng.uniform(0.10, 0.30))  # boundary roughness, fraction of the radius
     half = int(np.ceil(rmax * (1.0 + 2.0 * amp) + 1.6 * plan.edema_reach + 8.0))
     centre = np.floor(plan.centre_vox).astype(int)
     lo = np.maximum(centre - half, 0)
     hi = np.minimum(centre + half + 1, BRATS_SHAPE)
-
-    # Edema at half resolution over the whole box: u' = div(D grad u) + u (1 - u), D high in
-    # white matter, ~25x lower in grey matter and CSF, 0 outside the brain, modulated by a
-    # random field (irregular, finger-like spread along the tracts).
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     wm_h = wm[box][::2, ::2, ::2]
     brain_h = brain[box][::2, ::2, ::2]
@@ -177,24 +174,23 @@ def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brai
         np.maximum(u, seed, out=u)
     u = np.clip(u, 1e-4, 1.0 - 1e-4)
     score = np.log(u / (1.0 - u)) + 1.5 * smooth_noise(rng, shape_h, spacing=3.0)  # noisy logit
-    thr = np.float32(0.0)
 
     # Trim the box to the lesion's extent (+ margin), on even offsets.
-    extent = (score > thr - 2.0) | (_ellipsoid_radius(plan, lo, shape_h, 2) < 1.0 + 3.0 * amp)
+    extent = (score > -2.0) | (_ellipsoid_radius(plan, lo, shape_h, 2) < 1.0 + 3.0 * amp)
     nz = [np.flatnonzero(extent.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     if any(len(v) == 0 for v in nz):  # lesion outside the brain: nothing to draw
         nz = [np.array([shape_h[k] // 2]) for k in range(3)]
     h_lo = np.array([max(int(v[0]) - 2, 0) for v in nz])
     h_hi = np.array([min(int(v[-1]) + 3, shape_h[k]) for k, v in enumerate(nz)])
-    f_lo = lo + 2 * h_lo
-    f_hi = np.minimum(lo + 2 * h_hi, hi)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(f_lo, f_hi))
-    shape = tuple(int(v) for v in f_hi - f_lo)
     score = score[tuple(slice(int(a), int(b)) for a, b in zip(h_lo, h_hi))]
-    brain_c = brain[box]
+    return score, lo + 2 * h_lo, np.minimum(lo + 2 * h_hi, hi)
 
-    # Core at full resolution: irregular ellipsoid with a ~1 mm soft edge.
-    d = _ellipsoid_radius(plan, f_lo, shape, 1)
+
+def _core_parts(rng: np.random.Generator, plan: LesionPlan, d: np.ndarray, amp: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The core's soft weight (an irregular ellipsoid with a ~1 mm edge; ``d`` is the normalised
+    ellipsoidal radius on the box) and each appearance class's share of it, by lesion kind."""
+    shape = d.shape
+    rmax = float(plan.radii.max())
     rough = smooth_noise(rng, shape, spacing=max(4.0, rmax / 2.0))
     mean_r = float(plan.radii.mean())
     core_w = np.clip(0.5 - (d - 1.0 - amp * rough) * mean_r, 0.0, 1.0)
@@ -238,9 +234,26 @@ def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brai
             part = _coverage(rng, shape, max(4.0, mean_r), float(rng.uniform(0.15, 0.4)))
             moved = w["et"] * part
             w["et"], w["net"] = w["et"] - moved, moved
+    return core_w, w
+
+
+def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brain: np.ndarray) -> Lesion:
+    """Draw the core (NCR/ET parts) and the edema of ``plan`` in a box of the output grid.
+
+    ``wm`` (white-matter fraction, float32) and ``brain`` (bool) are full output-grid
+    arrays. The edema is the front of a reaction-diffusion process grown from the core at
+    2 mm resolution (fast in white matter, :func:`_edema_score`), cut with a noisy threshold;
+    the core (:func:`_core_parts`) and the labels are drawn at 1 mm.
+    """
+    amp = float(rng.uniform(0.10, 0.30))  # boundary roughness, fraction of the radius
+    score, f_lo, f_hi = _edema_score(rng, plan, wm, brain, amp)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(f_lo, f_hi))
+    shape = tuple(int(v) for v in f_hi - f_lo)
+    brain_c = brain[box]
+    core_w, w = _core_parts(rng, plan, _ellipsoid_radius(plan, f_lo, shape, 1), amp)
 
     # Edema: soft front from the upsampled score, outside the core.
-    ed_soft = np.clip((upsample_half(score, shape) - thr) * 0.5 + 0.5, 0.0, 1.0)
+    ed_soft = np.clip(upsample_half(score, shape) * 0.5 + 0.5, 0.0, 1.0)
     w["ed"] = ed_soft * (1.0 - core_w)
 
     # Hard labels, only inside the brain: ET where enhancement dominates the core.
