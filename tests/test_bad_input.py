@@ -89,18 +89,19 @@ def test_all_zero_contrast(tmp_path: Path) -> None:
     _expect(tmp_path, "t1.nii.gz", "the t1 contrast is all zero")
 
 
-def test_label_values_outside_the_release(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "what, expected",
+    [("value", "label values [3] are outside the brats2021 set"), ("shape", "label shape (40, 44, 23) differs")],
+)
+def test_label_values_outside_the_release_or_of_another_shape(tmp_path: Path, what: str, expected: str) -> None:
     paths = write_case(tmp_path, "brats2021", CID)["paths"]
-    seg = np.asarray(nib.load(paths["seg"]).dataobj).copy()
-    seg[0, 0, 0] = 3  # unused in 2017-2021
+    if what == "value":
+        seg = np.asarray(nib.load(paths["seg"]).dataobj).copy()
+        seg[0, 0, 0] = 3  # unused in 2017-2021
+    else:
+        seg = np.zeros((40, 44, 23), np.uint8)
     save_nifti(paths["seg"], seg, BRATS_AFFINE, dtype=np.uint8)
-    _expect(tmp_path, "seg.nii.gz", "label values [3] are outside the brats2021 set")
-
-
-def test_label_shape_differs(tmp_path: Path) -> None:
-    paths = write_case(tmp_path, "brats2021", CID)["paths"]
-    save_nifti(paths["seg"], np.zeros((40, 44, 23), np.uint8), BRATS_AFFINE)
-    _expect(tmp_path, "seg.nii.gz", "label shape (40, 44, 23) differs")
+    _expect(tmp_path, "seg.nii.gz", expected)
 
 
 def test_msd_image_with_wrong_channels(tmp_path: Path) -> None:

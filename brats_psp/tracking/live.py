@@ -1,20 +1,10 @@
 """The live tracker of a training run, and its do-nothing twin.
 
-:class:`RunTracker` talks to MLflow for rank 0 of a run. When the tracking server cannot be reached, training goes on: the first failed call is logged as
-a warning and every failed call is appended to ``<run dir>/mlflow_pending.jsonl`` so nothing is
-lost; the run ends with a warning that says how many calls are kept there. Once the server is
-back, :func:`replay_pending` (``python pipelines/run.py sync-mlflow <run dir>``) sends them.
-
-``mlflow_pending.jsonl`` holds one JSON object per failed call, in the order they were made::
-
-    {"call": "log_metrics", "run_id": "<id or null>", "uri": "<tracking URI>", "experiment": "<name>",
-     "time": <ms since the epoch>, "metrics": {...}, "step": 3}
-
-with, per ``call``: ``start_run`` (``run_name``, ``tags``: the run could not be created),
-``log_params`` (``params``), ``log_metrics`` (``metrics``, ``step``), ``set_tags`` (``tags``),
-``log_artifact`` (``path``, ``artifact_path``), ``log_model`` (``checkpoint``, ``registered_name``:
-the model is rebuilt from that checkpoint) and ``end_run`` (``status``). ``run_id`` is null when
-the run was never created on the server.
+:class:`RunTracker` talks to MLflow for rank 0 of a run. When the tracking server cannot be
+reached, training goes on: the first failed call is logged as a warning and every failed call
+is appended to ``<run dir>/mlflow_pending.jsonl`` (its format: :mod:`brats_psp.tracking.replay`)
+so nothing is lost; the run ends with a warning that says how many calls are kept there. Once
+the server is back, ``python pipelines/run.py sync-mlflow <run dir>`` sends them.
 
 :class:`NullTracker` has the same methods and does nothing: processes of rank > 0, and runs with
 ``tracking.enabled: false``. :func:`make_tracker` picks one.
