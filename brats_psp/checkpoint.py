@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from brats_psp.config import Config, config_from_dict
+from brats_psp.errors import CheckpointError
 from brats_psp.io import atomic_path
 
 __all__ = [
@@ -42,10 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used: unreadable, unsafe or not a brats_psp checkpoint."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -23,6 +23,10 @@ class CaseError(Exception):
         return (type(self), (self.case_id, self.path, self.message))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable, unsafe or not a brats_psp checkpoint."""
+
+
 class DiscoveryError(ValueError):
     """A folder or datalist holds no usable case, or an ambiguous mix of layouts."""
 

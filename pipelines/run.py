@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from brats_psp.checkpoint import CheckpointError  # noqa: E402
 from brats_psp.config import ConfigError, load_config  # noqa: E402
-from brats_psp.errors import CaseError, DiscoveryError  # noqa: E402
+from brats_psp.errors import CaseError, CheckpointError, DiscoveryError  # noqa: E402
 
 log = logging.getLogger("brats_psp")
 
