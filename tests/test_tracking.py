@@ -201,3 +201,36 @@ def test_sync_mlflow_waits_for_a_run_that_is_still_training(tmp_path: Path, monk
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("busy").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "a")] == [1.0]
+
+
+def _start_log_end(uri: str, barrier, results) -> None:  # a spawned process: one short tracked run
+    from brats_psp.config import load_config
+    from brats_psp.tracking import RunTracker
+
+    tracker = RunTracker(load_config(None, [f"tracking.uri={uri}"]))
+    barrier.wait()  # every process reaches the new store at the same moment
+    run_id = tracker.start(run_name="together")
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.end("FINISHED")
+    results.put((run_id, tracker.pending_calls))
+
+
+def test_runs_started_together_on_a_new_sqlite_store_all_track(tmp_path: Path) -> None:
+    """Without the store lock, four processes starting on a new mlflow.db all went offline
+    (alembic migrations racing); with it every run is created and logs its metric."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_start_log_end, args=(uri, barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    outcomes = [results.get(timeout=10) for _ in procs]
+    assert all(run_id is not None and pending == 0 for run_id, pending in outcomes), outcomes
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("brats_psp").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(run_id for run_id, _ in outcomes)
+    assert all(r.info.status == "FINISHED" and r.data.metrics["train/loss"] == 1.0 for r in runs)

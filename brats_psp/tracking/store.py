@@ -26,6 +26,7 @@ __all__ = [
     "training_process",
     "resolve_tracking_uri",
     "configure_tracking",
+    "ensure_store",
     "git_commit",
     "param_value",
     "model_signature",
@@ -79,13 +80,48 @@ def resolve_tracking_uri(cfg: Config) -> str | None:
 
 
 def configure_tracking(cfg: Config) -> str:
-    """Point MLflow at the configured store; return the URI in use."""
+    """Point MLflow at the configured store (created safely, :func:`ensure_store`); return the URI in use."""
     import mlflow
 
     uri = resolve_tracking_uri(cfg)
     if uri:
         mlflow.set_tracking_uri(uri)
-    return mlflow.get_tracking_uri()
+    uri = mlflow.get_tracking_uri()
+    ensure_store(uri, cfg.tracking.experiment)
+    return uri
+
+
+def ensure_store(uri: str, experiment: str | None = None) -> None:
+    """Create a SQLite tracking store's tables (and ``experiment``) under a file lock (``<db>.lock``).
+
+    MLflow creates and migrates a new SQLite store on the first connection; two runs that start
+    together on a new store both try, and one of them fails (a duplicate column, an alembic
+    migration row not found) and goes offline; so may two that create the same experiment. With
+    the lock, the first process creates the tables and the experiment while the others wait,
+    then find them made. Other stores (a server, PostgreSQL) are
+    left to their own locking. A store that cannot be reached is reported by the first call
+    that needs it, as before.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri[len("sqlite:///") :])
+    if not db.parent.is_dir():
+        return
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+            if experiment and client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment)
+        except Exception as err:  # reported again, with context, by the call that needs the store
+            log.debug("tracking store %s not ready: %s", uri, err)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:
