@@ -165,8 +165,11 @@ def test_robust_contrast_rules(cases: list[SyntheticCase]) -> None:
         if "et" in mean["t1ce"]:
             checked["et"] += 1
             t1ce_ratio = mean["t1ce"]["et"] / mean["t1ce"]["wm"]
-            assert t1ce_ratio > 1.0, (case.case_id, t1ce_ratio)  # a mean over the label: partial volume at the rim
-            assert t1ce_ratio > mean["t1"]["et"] / mean["t1"]["wm"], case.case_id  # enhancement: brighter after contrast
+            # enhancement may be faint against white matter, but it is brighter than the edema
+            # around it after contrast, and brighter than before contrast
+            if "ed" in mean["t1ce"]:
+                assert mean["t1ce"]["et"] > 1.1 * mean["t1ce"]["ed"], (case.case_id, mean["t1ce"])
+            assert t1ce_ratio > mean["t1"]["et"] / mean["t1"]["wm"], case.case_id
         if "ed" in mean["flair"]:
             checked["ed"] += 1
             assert mean["flair"]["ed"] > 1.15 * mean["flair"]["wm"], case.case_id

@@ -37,8 +37,9 @@ lesion appearance     each lesion part (edema, non-enhancing core, enhancing  ``
                       shifted per contrast by a draw from
                       :data:`LESION_SHIFTS` (z-score units), textured; the
                       robust cues are kept (edema stays bright on FLAIR and
-                      T2, the core does not enhance, and moves only on
-                      slices with enhancing tumour); enhancing tumour
+                      T2, the core does not enhance, and moves on its own
+                      only on slices with enhancing tumour, elsewhere with
+                      the edema); enhancing tumour
                       moves both ways on T1ce (faint to strong)
 bias field            a smooth additive field per channel, amplitude up to   0.5
                       ``data.bias_field``, inside the brain
@@ -168,10 +169,11 @@ def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Genera
     """
     b, c = image.shape[:2]
     wt, tc, et = label[:, 0:1], label[:, 1:2], label[:, 2:3]
-    # The core's intensities move only on slices with enhancing tumour, whose rim marks the core;
-    # without it (low-grade tumours) its intensity is the only cue that tells it from edema.
+    # The core's intensities move on their own only on slices with enhancing tumour, whose rim
+    # marks the core; without it (low-grade tumours) its contrast to edema is the only cue, so
+    # there the core moves with the edema (the whole tumour shifts as one, keeping that contrast).
     has_et = et.flatten(1).amax(1)[:, None, None, None]
-    parts = {"ed": wt * (1 - tc), "ncr": tc * (1 - et) * has_et, "et": et}
+    parts = {"ed": wt * (1 - tc * has_et), "ncr": tc * (1 - et) * has_et, "et": et}
     texture = 1.0 + 0.4 * _smooth_field(b, 1, image.shape[-2:], g, cells=12).to(image.device, image.dtype)
     inside = image.abs().sum(1, keepdim=True) > 0
     modality = torch.arange(c) % 4  # one shift per contrast, the same on its neighbour slices

@@ -9,13 +9,18 @@ contrasts that hold on every scanner. What is kept fixed (the radiological cues)
   FLAIR: CSF dark (suppressed), grey matter above white;
 * edema is bright on FLAIR and T2 (at least 1.25x the brighter normal tissue on FLAIR,
   1.2x grey matter on T2, below CSF);
-* enhancement: enhancing tumour, vessels, venous sinuses, choroid plexus and dura are
-  brighter on T1ce than normal tissue (1.1-3x), while on T1 they are not;
+* enhancement: vessels, venous sinuses, choroid plexus and dura are brighter on T1ce than
+  normal tissue (1.15-3x), while on T1 they are not; enhancing tumour is brighter on T1ce
+  than the edema and necrosis around it (at least 1.25x) and than itself on T1 (1.15x), but
+  may be faint against white matter (1.05-2.2x, log-uniform: weak, patchy enhancement of
+  a glioblastoma wall is common);
 * a non-enhancing tumour core differs from edema by at least 15 % on T2 (brighter) or on
   FLAIR (darker: the T2-FLAIR mismatch sign), else nothing in the image would tell them apart.
 
 Everything else is free within wide ranges (:data:`INTENSITY_RANGES`, relative to white
-matter = 1): a necrotic core may be dark or as bright as edema on FLAIR, cysts are
+matter = 1): a necrotic core may be dark or as bright as edema on FLAIR, and in a third
+of the cases (:data:`NECROSIS_MIMICS_EDEMA`) it looks like edema on every contrast, as
+in many real glioblastomas (then only the enhancing wall around it tells it apart), cysts are
 fluid-like (bright on T2, variably suppressed on FLAIR), blood products bright on T1,
 vessels dark (flow voids) or bright. Then, per contrast:
 
@@ -54,7 +59,7 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "wmh": (0.70, 0.95),
     },
     "t1ce": {  # the enhancing classes; the others follow T1
-        "gm": (0.55, 0.88), "et": (1.10, 2.20), "vessel": (1.10, 3.00), "sinus": (1.30, 3.00),
+        "gm": (0.55, 0.88), "vessel": (1.10, 3.00), "sinus": (1.30, 3.00),
         "choroid": (1.20, 2.60), "dura": (1.10, 2.50),
     },
     "t2": {
@@ -70,7 +75,14 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "wmh": (1.30, 2.40),
     },
 }
-_ENHANCING = ("et", "vessel", "sinus", "choroid", "dura")
+_ENHANCING = ("vessel", "sinus", "choroid", "dura")
+
+#: Probability that a case's necrosis has edema's intensities (x 0.9-1.1) on every contrast.
+NECROSIS_MIMICS_EDEMA = 0.35
+
+#: Enhancing tumour on T1ce, relative to white matter: log-uniform over this range, then at
+#: least 1.25x the edema and necrosis on T1ce and 1.15x its own T1 value.
+ET_T1CE_RANGE = (1.05, 2.2)
 
 #: Typical scanner value of white matter, per contrast (x a per-scan factor in [0.4, 2.5]).
 BASE_SCALE: dict[str, float] = {"t1": 950.0, "t1ce": 1250.0, "t2": 420.0, "flair": 700.0}
@@ -114,9 +126,15 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
             t2["net"] = 1.15 * t2["ed"] * float(u(1.0, 1.3))
         else:
             flair["net"] = 0.87 * flair["ed"] * float(u(0.7, 1.0))
+    if rng.random() < NECROSIS_MIMICS_EDEMA:  # necrosis as bright as edema everywhere
+        for modality in MODALITIES:
+            means[modality]["ncr"] = means[modality]["ed"] * float(u(0.9, 1.1))
     for key in _ENHANCING:
         if not (key == "vessel" and flow_void):
             t1ce[key] = max(t1ce[key], 1.15 * max(1.0, t1ce["gm"]))
+    # Enhancing tumour: brighter than what surrounds it after contrast, and than before it.
+    et = float(np.exp(u(np.log(ET_T1CE_RANGE[0]), np.log(ET_T1CE_RANGE[1]))))
+    t1ce["et"] = max(et, 1.25 * max(t1ce["ed"], t1ce["ncr"], t1ce["net"]), 1.15 * means["t1"]["et"])
     spread = {m: {k: float(u(0.03, 0.2) if k in ("csf", "gm", "wm") else u(0.0, 0.12)) for k in means[m]} for m in MODALITIES}
     scale = {m: BASE_SCALE[m] * float(np.exp(u(np.log(0.4), np.log(2.5)))) for m in MODALITIES}
     noise = {m: float(np.exp(u(np.log(0.01), np.log(0.05)))) for m in MODALITIES}
