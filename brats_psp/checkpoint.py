@@ -101,7 +101,8 @@ def resolve_checkpoint(
 
     1. a checkpoint file;
     2. a run folder ``<output_dir>/<model>/checkpoints/<which>.pt`` (``model`` is the run's name);
-    3. an MLflow run ID, ``runs:/<run id>`` or ``models:/<name>/<version>``: the run's folder on
+    3. an MLflow run ID, ``runs:/<run id>``, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``
+       (a registered model's version or alias, see ``promote``): the run's folder on
        this machine (its ``brats_psp.run_dir`` tag), else the run's logged artifact
        ``checkpoints/<which>.pt`` (downloaded; training logs ``best.pt`` only).
 
@@ -125,10 +126,7 @@ def resolve_checkpoint(
         if model.startswith("runs:/"):
             run_id = model[len("runs:/") :].split("/")[0]
         elif model.startswith("models:/"):
-            registered, _, version = model[len("models:/") :].partition("/")
-            if not version:
-                raise CheckpointError(f"{model}: expected models:/<name>/<version>")
-            run_id = client.get_model_version(registered, version).run_id
+            run_id = _registered_run(client, model)
         else:
             run_id = model
         run_dir = client.get_run(run_id).data.tags.get("brats_psp.run_dir")
@@ -142,6 +140,18 @@ def resolve_checkpoint(
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{name}"))
     except Exception as err:
         raise CheckpointError(f"{model}: MLflow run {run_id} has no checkpoints/{name} on this machine or in its artifacts ({err})") from None
+
+
+def _registered_run(client: Any, uri: str) -> str:
+    """The run behind ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    body = uri[len("models:/") :]
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        return client.get_model_version_by_alias(name, alias).run_id
+    name, _, version = body.partition("/")
+    if not version:
+        raise CheckpointError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    return client.get_model_version(name, version).run_id
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """The compare stage: MLflow runs side by side, one row per run, sorted by a metric.
 
 Each row: short run ID, run name, status, the params whose values differ between the runs,
-and the final and best value of the metric (and of the per-region validation Dice). Writes
+the final and best value of the metric (and of the per-region validation Dice), and the
+evaluation means that ``evaluate --run`` logged (``eval/dice_*``, ``eval/hd95_*``). Whether one
+run is really better than another on the same test cases: :mod:`brats_psp.paired`
+(``compare --paired``). Writes
 ``comparison.csv`` and ``comparison.png`` (the validation curves of the runs side by side).
 """
 
@@ -20,13 +23,15 @@ import numpy as np
 from brats_psp.io import write_text
 from brats_psp.labels import REGION_NAMES
 
-__all__ = ["Comparison", "compare_runs", "format_comparison"]
+__all__ = ["Comparison", "compare_runs", "format_comparison", "case_set_digests", "warn_if_case_sets_differ"]
 
 log = logging.getLogger(__name__)
 
 #: Params that always differ and say nothing about the experiment.
 _IGNORED_PARAMS = ("dataset.cache", "train.output_dir", "data.cache_dir", "tracking.uri", "tracking.run_name")
 CURVES = ("val/dice_mean", *(f"val/dice_{r}" for r in REGION_NAMES))
+#: What ``evaluate --run`` logs (means over the test cases), shown next to the validation metrics.
+EVAL_METRICS = ("eval/dice_mean", *(f"eval/dice_{r}" for r in REGION_NAMES), *(f"eval/hd95_{r}" for r in REGION_NAMES))
 
 
 @dataclass
@@ -62,6 +67,7 @@ def compare_runs(
         runs = client.search_runs([exp.experiment_id], max_results=1000)
     if not runs:
         raise ValueError(f"no runs to compare in experiment {experiment!r}")
+    warn_if_case_sets_differ(client, [r.info.run_id for r in runs])
     keys = sorted({k for r in runs for k in r.data.params} - set(_IGNORED_PARAMS))
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     result = Comparison(differing_params=differing, metric=metric)
@@ -75,6 +81,7 @@ def compare_runs(
             values = [v for _, v in points]
             row[f"final {key}"] = values[-1] if values else float("nan")
             row[f"best {key}"] = max(values) if values else float("nan")
+        row.update({key: run.data.metrics.get(key, float("nan")) for key in EVAL_METRICS})
         row["_full_id"] = rid
         result.rows.append(row)
     result.rows.sort(key=lambda r: (np.isnan(r[f"best {metric}"]), -np.nan_to_num(r[f"best {metric}"], nan=0.0)))
@@ -84,6 +91,33 @@ def compare_runs(
         write_text(result.csv_path, _to_csv(result.rows))
         _plot(result, curves, result.png_path)
     return result
+
+
+def case_set_digests(client: Any, run_id: str) -> dict[str, str]:
+    """Context (training, validation, evaluation) -> digest of the case set the run logged for it."""
+    inputs = client.get_run(run_id).inputs
+    digests = {}
+    for item in getattr(inputs, "dataset_inputs", None) or []:
+        context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), None)
+        if context:
+            digests[context] = item.dataset.digest
+    return digests
+
+
+def warn_if_case_sets_differ(client: Any, run_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Warn, per context, when the runs trained, validated or were evaluated on different case
+    sets (their logged inputs' digests differ); return context -> run -> digest."""
+    by_context: dict[str, dict[str, str]] = {}
+    for run_id in run_ids:
+        for context, digest in case_set_digests(client, run_id).items():
+            by_context.setdefault(context, {})[run_id] = digest
+    for context, digests in sorted(by_context.items()):
+        if len(set(digests.values())) > 1:
+            log.warning(
+                "the runs used different %s case sets: %s; their %s numbers are not comparable case for case",
+                context, ", ".join(f"{r[:8]} {d}" for r, d in sorted(digests.items())), context,
+            )
+    return by_context
 
 
 def _to_csv(rows: list[dict[str, Any]]) -> str:
@@ -97,7 +131,8 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
 
 def format_comparison(result: Comparison) -> str:
     """A text table: run, name, status, differing params, final and best of the metric."""
-    cols = ["run_id", "name", "status", *result.differing_params, f"final {result.metric}", f"best {result.metric}"]
+    evaluated = [k for k in EVAL_METRICS if any(not np.isnan(r.get(k, float("nan"))) for r in result.rows)]
+    cols = ["run_id", "name", "status", *result.differing_params, f"final {result.metric}", f"best {result.metric}", *evaluated]
     cells = [[_fmt(r.get(c, "")) for c in cols] for r in result.rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731

@@ -219,6 +219,7 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True
     register_name: str | None = None
+    system_metrics: bool = False  # MLflow's CPU/GPU/memory logging (needs psutil: pip install -e .[system])
 
 
 @dataclass

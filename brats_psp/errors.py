@@ -27,6 +27,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable, unsafe or not a brats_psp checkpoint."""
 
 
+class RunError(ValueError):
+    """An MLflow run cannot serve as asked (no evaluation, nothing in common with another run)."""
+
+
 class DiscoveryError(ValueError):
     """A folder or datalist holds no usable case, or an ambiguous mix of layouts."""
 

@@ -113,11 +113,17 @@ def _rows_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def log_to_mlflow(run_id: str, result: EvaluationResult, tracking_uri: str | None = None) -> None:
-    """Mean metrics (``eval/dice_WT`` ...) and the two files, on an existing run."""
+def log_to_mlflow(run_id: str, result: EvaluationResult, tracking_uri: str | None = None, ref: str | os.PathLike | None = None) -> None:
+    """Mean metrics (``eval/dice_WT`` ...), the two files and the evaluated cases (an MLflow
+    input with context ``evaluation``, from ``ref``), on an existing run."""
     from mlflow.tracking import MlflowClient
 
+    from brats_psp.tracking.store import case_set, log_case_set
+
     client = MlflowClient(tracking_uri=tracking_uri)
+    cases = sorted({row["case"] for row in result.rows})
+    if cases:
+        log_case_set(client, run_id, case_set("evaluated cases", cases, str(Path(ref).resolve()) if ref else ""), "evaluation")
     for region in REGION_NAMES:
         for metric in ("dice", "hd95"):
             stats = result.summary.get(region, {}).get(metric)

@@ -16,6 +16,7 @@ talks to MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from brats_psp.config import Config, config_to_dict, save_config
 from brats_psp.cpus import available_cores
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.augment import BatchAugment, batch_seed
-from brats_psp.data.cache import CachedVolume, read_summary, split_cases
+from brats_psp.data.cache import CachedVolume, load_entry_meta, read_summary, split_cases
 from brats_psp.data.slices import SliceDataset, TumourRatioSampler, slice_transforms
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.inference import RegionProbabilities, predict_volume
@@ -48,7 +49,7 @@ from brats_psp.losses import LossTerms, PSPLoss
 from brats_psp.metrics import dice
 from brats_psp.networks import build_network, count_parameters
 from brats_psp.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime, shutdown
-from brats_psp.tracking import NullTracker, RunTracker, clear_running, git_commit, make_tracker, mark_running, resolve_tracking_uri
+from brats_psp.tracking import NullTracker, RunTracker, case_set, clear_running, git_commit, make_tracker, mark_running, resolve_tracking_uri
 
 __all__ = [
     "TrainResult",
@@ -464,11 +465,22 @@ def log_run_setup(run: TrainingRun) -> None:
         },
     )
     run.tracker.log_artifact(run.run_dir / "config.yaml")
+    run.tracker.log_case_set(training_case_set("train cases", data.train_dirs, data.source), "training")
+    run.tracker.log_case_set(training_case_set("validation cases", data.val_dirs, data.source), "validation")
     run.tracker.backfill(run.history)  # a resumed run gets the epochs a kill kept from MLflow
     log.info(
         "run %s: %d train / %d val cases, %d slices per epoch, %s, %d parameters",
         run.run_id, len(data.train_dirs), len(data.val_dirs), cfg.train.slices_per_epoch, run.runtime.describe(), count_parameters(model),
     )
+
+
+def training_case_set(name: str, case_dirs: list[Path], source: Path) -> dict[str, Any]:
+    """The cache entries ``case_dirs`` as an MLflow dataset: case ids, layouts and a digest of
+    the entries' fingerprints (the same cases preprocessed the same way give the same digest)."""
+    metas = [load_entry_meta(d, verify=False) or {"case_id": d.name} for d in case_dirs]
+    fingerprints = hashlib.sha1("|".join(sorted(str(m.get("fingerprint")) for m in metas)).encode()).hexdigest()[:10]
+    extra = {"layouts": sorted({str(m.get("layout")) for m in metas}), "cache_fingerprint": fingerprints}
+    return case_set(name, [m["case_id"] for m in metas], str(source), extra)
 
 
 def checkpoint_payload(run: TrainingRun, epoch: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from brats_psp.config import ConfigError, load_config  # noqa: E402
-from brats_psp.errors import CaseError, CheckpointError, DiscoveryError  # noqa: E402
+from brats_psp.errors import CaseError, CheckpointError, DiscoveryError, RunError  # noqa: E402
 
 log = logging.getLogger("brats_psp")
 
@@ -124,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> int:
         from mlflow.exceptions import MlflowException
 
         try:
-            log_to_mlflow(run_id, result, args.tracking_uri)
+            log_to_mlflow(run_id, result, args.tracking_uri, args.ref)
             log.info("logged the evaluation to MLflow run %s", run_id)
         except MlflowException as err:  # the metrics are written; only the logging could not be done
             if args.run:
@@ -138,6 +138,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
 @stage("compare")
 def compare(args: argparse.Namespace) -> int:
+    if args.paired:
+        from brats_psp.paired import compare_paired, format_paired
+
+        if not args.runs or len(args.runs) < 2:
+            raise ConfigError("compare --paired needs --runs A B [C ...]: each run after the first is compared with the first")
+        paired = compare_paired(args.runs, args.out, args.tracking_uri)
+        print(format_paired(paired))
+        log.info("wrote %s and %s", paired.csv_path, paired.png_path)
+        return 0
     from brats_psp.compare import compare_runs, format_comparison
 
     result = compare_runs(args.experiment, args.metric, args.runs, args.out, args.tracking_uri)
@@ -153,6 +162,16 @@ def show_prediction(args: argparse.Namespace) -> int:
 
     plot_prediction(args.case, args.pred, args.out)
     log.info("wrote %s", args.out)
+    return 0
+
+
+@stage("promote")
+def promote(args: argparse.Namespace) -> int:
+    from brats_psp.registry import promote as promote_run
+
+    done = promote_run(args.run, args.name, args.alias, args.tracking_uri)
+    what = "registered as" if done.registered_now else "already registered as"
+    print(f"run {done.run_id}: {what} {done.name} version {done.version}; {done.uri} now points at it")
     return 0
 
 
@@ -218,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder or datalist (default: data.root, else the built-in synthetic set)")
     p.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT", help="continue a run from its last checkpoint")
     p = add("infer", "segment NIfTI cases with a trained model; writes OUT/<case>.nii.gz in the input's geometry (infer.* overrides)", config=False, overrides=True)
-    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
     p.add_argument("--input", required=True, help="case folder, dataset folder (any layout) or datalist JSON")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--layout", default="auto", help="force the input layout (brats2021, brats2023, msd)")
@@ -233,15 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-labels", choices=["brats2021", "brats2023", "msd"], help="label convention of the predictions (default: the reference's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
     p = add("export", "export the network to ONNX at a fixed tile size with a dynamic batch", config=False)
-    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="tile size (default: the model's infer.roi_size)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
+
+    p = add("promote", "register a run's model under a name (once) and point an alias at it (models:/NAME@ALIAS)", config=False)
+    p.add_argument("run", metavar="RUN_ID", help="the MLflow run whose model to promote")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--alias", default="champion", help="alias to point at the run's version (default champion)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
 
     p = add("compare", "compare MLflow runs: differing params, final and best metrics, validation curves", config=False)
     p.add_argument("--experiment", default="brats_psp", help="MLflow experiment (default brats_psp)")
     p.add_argument("--metric", default="val/dice_mean", help="metric to sort by (default val/dice_mean)")
     p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="compare these runs (default: every run of the experiment)")
+    p.add_argument(
+        "--paired", action="store_true",
+        help="each run after the first against the first, on the test cases both evaluated: mean difference, "
+        "95%% bootstrap interval, Wilcoxon p-value per region and metric (paired.csv, paired.png)",
+    )
     p.add_argument("--out", default="comparison", help="folder for comparison.csv and comparison.png (default ./comparison)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
 
@@ -265,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return STAGES[args.stage](args)
-    except (ConfigError, DiscoveryError, CaseError, CheckpointError, PermissionError, FileNotFoundError) as err:
+    except (ConfigError, DiscoveryError, CaseError, CheckpointError, RunError, PermissionError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -63,6 +64,10 @@ def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> No
         assert history["mean"][epoch] == pytest.approx(sum(regions) / 3)
         assert result.history[epoch]["val/dice_WT"] == pytest.approx(regions[0])  # history.json agrees
     assert run.data.metrics["best/dice_mean"] == pytest.approx(max(history["mean"])) == pytest.approx(result.best_metric)
+    # the case sets as MLflow inputs: the UI shows them with their digests
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"} and inputs["training"].digest != inputs["validation"].digest
+    assert json.loads(inputs["training"].profile)["cases"] == 2 and len(json.loads(inputs["validation"].schema)["case_ids"]) == 2
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "learning_curves.png", "val_overlay.png", "history.json", "checkpoints"} <= artifacts
 
@@ -201,3 +206,15 @@ def test_training_without_mlflow_writes_no_store_and_resumes_in_its_folder(tiny_
     resumed = train(cfg, resume=result.run_dir.name, progress=False)  # the run folder's name
     assert resumed.run_dir == result.run_dir and [h["epoch"] for h in resumed.history] == [0, 1]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_system_metrics_are_logged_when_asked(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("psutil")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    on = train(smoke_config(tmp_path, "train.epochs=1", "tracking.system_metrics=true"), data=tiny_data, progress=False)
+    off = train(smoke_config(tmp_path, "train.epochs=1"), data=tiny_data, progress=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = set(client.get_run(on.run_id).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= logged
+    assert not any(k.startswith("system/") for k in client.get_run(off.run_id).data.metrics)  # off by default

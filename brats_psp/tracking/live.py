@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from brats_psp.config import Config, config_to_dict, flatten
-from brats_psp.tracking.store import PENDING_FILE, configure_tracking, log_pytorch_model, model_signature, param_value
+from brats_psp.tracking.store import PENDING_FILE, configure_tracking, log_case_set, log_pytorch_model, model_signature, param_value
 
 __all__ = ["RunTracker", "NullTracker", "make_tracker"]
 
@@ -47,12 +47,13 @@ class RunTracker:
         import mlflow
 
         uri = self._uri = configure_tracking(self.cfg)
+        system = _system_metrics(self.cfg.tracking.system_metrics)
         try:
             if run_id is None:
                 mlflow.set_experiment(self.cfg.tracking.experiment)
-                run = mlflow.start_run(run_name=run_name or self.cfg.tracking.run_name, tags=dict(tags or {}))
+                run = mlflow.start_run(run_name=run_name or self.cfg.tracking.run_name, tags=dict(tags or {}), log_system_metrics=system)
             else:
-                run = mlflow.start_run(run_id=run_id)
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=system)
         except Exception as err:  # tracking server down: train anyway, keep tracking data locally
             log.warning("cannot reach the MLflow tracking store %s (%s); training goes on without it", uri, err)
             self.warned = True
@@ -110,6 +111,12 @@ class RunTracker:
         for entry in history:
             if int(entry["epoch"]) not in logged:
                 self.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+
+    def log_case_set(self, record: Mapping[str, Any], context: str) -> None:
+        """A set of cases (:func:`~brats_psp.tracking.store.case_set`) as an MLflow input of the run."""
+        from mlflow.tracking import MlflowClient
+
+        self._call("log_input", lambda: log_case_set(MlflowClient(), self.run_id, dict(record), context), {"dataset": dict(record), "context": context})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         import mlflow
@@ -177,6 +184,18 @@ class RunTracker:
         return None if self.fallback_dir is None else self.fallback_dir / PENDING_FILE
 
 
+def _system_metrics(requested: bool) -> bool:
+    """``tracking.system_metrics``, when MLflow can honour it (psutil installed); else a warning."""
+    if not requested:
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        log.warning('tracking.system_metrics=true needs psutil (pip install -e ".[system]"); training goes on without system metrics')
+        return False
+    return True
+
+
 class NullTracker:
     """A tracker that records nothing (ranks > 0, or ``tracking.enabled: false``): a new run is
     offline, its folder ``offline-<time>``, and there is nothing to replay."""
@@ -199,6 +218,9 @@ class NullTracker:
         pass
 
     def backfill(self, history: list[dict[str, float]]) -> None:
+        pass
+
+    def log_case_set(self, record: Mapping[str, Any], context: str) -> None:
         pass
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:

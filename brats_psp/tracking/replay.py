@@ -9,7 +9,8 @@ were made (written by :class:`~brats_psp.tracking.live.RunTracker`)::
 
 with, per ``call``: ``start_run`` (``run_name``, ``tags``: the run could not be created),
 ``log_params`` (``params``), ``log_metrics`` (``metrics``, ``step``), ``set_tags`` (``tags``),
-``log_artifact`` (``path``, ``artifact_path``), ``log_model`` (``checkpoint``, ``registered_name``:
+``log_artifact`` (``path``, ``artifact_path``), ``log_input`` (``dataset``, ``context``: a set of
+cases), ``log_model`` (``checkpoint``, ``registered_name``:
 the model is rebuilt from that checkpoint) and ``end_run`` (``status``). ``run_id`` is null when
 the run was never created on the server.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from brats_psp.io import write_text
-from brats_psp.tracking.store import PENDING_FILE, REPLAYED_FILE, log_pytorch_model, model_signature, training_process
+from brats_psp.tracking.store import PENDING_FILE, REPLAYED_FILE, log_case_set, log_pytorch_model, model_signature, training_process
 
 __all__ = ["ReplayError", "replay_pending"]
 
@@ -182,6 +183,8 @@ def _send(client: Any, uri: str | None, run_id: str, record: Mapping[str, Any]) 
         client.log_artifact(run_id, record["path"], record.get("artifact_path"))
     elif call == "log_model":
         _replay_model(client, uri, run_id, record)
+    elif call == "log_input":
+        log_case_set(client, run_id, record["dataset"], record["context"])
     elif call == "end_run":
         client.set_terminated(run_id, record["status"], end_time=record.get("time"))
     else:

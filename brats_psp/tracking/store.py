@@ -29,6 +29,8 @@ __all__ = [
     "ensure_store",
     "git_commit",
     "param_value",
+    "case_set",
+    "log_case_set",
     "model_signature",
     "log_pytorch_model",
 ]
@@ -158,3 +160,33 @@ def param_value(value: Any) -> str:
     """A config value as an MLflow param (lists and dicts as JSON, cut to MLflow's limit)."""
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:MAX_PARAM_CHARS]
+
+
+def case_set(name: str, case_ids: list[str], source: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A set of cases as an MLflow dataset record: ``name``, a digest of the case ids (and
+    ``extra``: layout, cache fingerprints), the source folder and a profile (the case count).
+
+    The digest is what tells two runs' case sets apart: the same cases with the same
+    preprocessing give the same digest, whatever their order.
+    """
+    import hashlib
+
+    body = json.dumps({"cases": sorted(case_ids), **(extra or {})}, sort_keys=True)
+    digest = hashlib.sha1(body.encode()).hexdigest()[:10]
+    return {
+        "name": name,
+        "digest": digest,
+        "source": json.dumps({"uri": source}),
+        "schema": json.dumps({"case_ids": sorted(case_ids)}),
+        "profile": json.dumps({"cases": len(case_ids), **(extra or {})}, sort_keys=True)[:MAX_PARAM_CHARS],
+    }
+
+
+def log_case_set(client: Any, run_id: str, record: dict[str, Any], context: str) -> None:
+    """``mlflow.log_input`` of a :func:`case_set` record on ``run_id`` (tagged with its context:
+    training, validation, evaluation), so the MLflow UI shows the set and its digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(record["name"], record["digest"], "local", record["source"], record.get("schema"), record.get("profile"))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
