@@ -111,7 +111,8 @@ def test_paired_comparison_of_two_evaluated_runs_end_to_end(tiny_data: Path, tmp
         keys = [k for k in keys if k[1] == row["region"]]
         x, y = [ma[k][row["metric"]] for k in keys], [mb[k][row["metric"]] for k in keys]
         expected = 1.0 if x == y else wilcoxon(y, x).pvalue
-        assert float(row["p_value"]) == pytest.approx(expected, abs=1e-5)
+        assert float(row["p_value"]) == pytest.approx(expected, abs=1e-6)
+        assert float(row["ci_low"]) <= float(row["mean_diff"]) <= float(row["ci_high"])
     assert (out / "paired.png").stat().st_size > 10_000
     # the plain table shows the evaluation means next to the validation metrics
     table = format_comparison(compare_runs(run_ids=[a, b], tracking_uri=uri))
