@@ -16,12 +16,19 @@ affine and header), written atomically. A case that fails is reported by name; t
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
+import functools
+import itertools
 import logging
 import math
+import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, SpatialResample, Spacingd
+from monai.utils import TraceKeys
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -44,7 +52,7 @@ from brats_psp.io import ensure_writable_dir, save_nifti, write_json
 from brats_psp.labels import Tissue, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
-__all__ = ["SegmentResult", "segment_case", "segment_cases", "postprocess"]
+__all__ = ["SegmentResult", "PreparedCase", "prepare_case", "write_case", "segment_case", "segment_cases", "postprocess"]
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +151,45 @@ def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, thr
     return np.asarray(data["image"].as_tensor()[0].numpy(), dtype=np.uint8)
 
 
-def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime) -> Path:
-    """Segment one case and write ``out_dir/<case_id>.nii.gz``; return its path.
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed (:func:`prepare_case`): what the network and the inverse need."""
 
-    Raises:
-        CaseError: the case's files are unusable (named in the message).
-    """
-    check_case_id(case.case_id)
-    train_cfg = loaded.config
-    chain = volume_transforms(train_cfg.data.spacing, with_label=False)
-    data = apply_transforms(chain, {"case": case})
+    case: Case
+    image: MetaTensor  # (4, X, Y, Z) in the preprocessed space, with the applied operations
+    seconds: float  # time spent reading and preprocessing
+
+
+def prepare_case(case: Case, spacing: Sequence[float]) -> PreparedCase | CaseError:
+    """Read ``case`` and run the training's volume transforms (no label); a :class:`CaseError`
+    comes back as a value (so that a worker process sends it back whole, by name)."""
+    start = time.perf_counter()
+    try:
+        check_case_id(case.case_id)
+        data = apply_transforms(volume_transforms(spacing, with_label=False), {"case": case})
+    except CaseError as err:
+        return err
     image = data["image"]
-    probs = predict_volume(loaded.network, image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
+    for op in image.applied_operations:
+        _unbind(op)
+    return PreparedCase(case, image, time.perf_counter() - start)
+
+
+def _unbind(op: dict[str, Any]) -> None:
+    """Let an equal chain built elsewhere (another process, another call) invert ``op``: MONAI's
+    own marker for "do not match the instance that applied it", on the op and the ops nested in
+    it (the padding a crop records)."""
+    op[TraceKeys.ID] = TraceKeys.NONE
+    for value in op.get(TraceKeys.EXTRA_INFO, {}).values():
+        if isinstance(value, dict) and TraceKeys.ID in value:
+            _unbind(value)
+
+
+def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[float], out_dir: Path, cfg: InferConfig) -> Path:
+    """The region probabilities (preprocessed space) back on the input's grid, thresholded,
+    postprocessed and written as ``out_dir/<case_id>.nii.gz`` in the requested convention."""
+    case, image = prepared.case, prepared.image
+    chain = volume_transforms(spacing, with_label=False)  # its inverses undo the image's applied operations
     ref = nib.load(str(case.images[0]))  # the input's grid: shape, affine and header of the output
     if cfg.save_probabilities:
         probs_in = _to_input_grid(probs, image, chain)
@@ -173,6 +208,66 @@ def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfi
     return out
 
 
+def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime) -> Path:
+    """Segment one case and write ``out_dir/<case_id>.nii.gz``; return its path.
+
+    Raises:
+        CaseError: the case's files are unusable (named in the message).
+    """
+    train_cfg = loaded.config
+    prepared = prepare_case(case, train_cfg.data.spacing)
+    if isinstance(prepared, CaseError):
+        raise prepared
+    probs = predict_volume(loaded.network, prepared.image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
+    return write_case(prepared, probs, train_cfg.data.spacing, out_dir, cfg)
+
+
+def _reader_threads(threads: int) -> None:
+    """A reader process computes with as many torch threads as the main process: multi-threaded
+    reductions (the z-score, the resampling) then round as they do there, so the labels are the
+    same voxel for voxel (with one thread, a few voxels per case at the threshold differed)."""
+    torch.set_num_threads(threads)
+
+
+def _prepared_in_order(cases: list[Case], spacing: Sequence[float], workers: int, stack: contextlib.ExitStack) -> Iterator[PreparedCase | CaseError]:
+    """The cases read and preprocessed, in order: here, one after the other (``workers`` 0), or
+    by ``workers`` spawned processes that keep up to ``2 * workers`` cases ready ahead."""
+    job = functools.partial(prepare_case, spacing=spacing)
+    if workers <= 0 or len(cases) <= 1:
+        return map(job, cases)
+    ctx = multiprocessing.get_context("spawn")
+    pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx, initializer=_reader_threads, initargs=(torch.get_num_threads(),)))
+
+    def ahead() -> Iterator[PreparedCase | CaseError]:
+        pending: collections.deque = collections.deque()
+        queue = iter(cases)
+        for case in itertools.islice(queue, 2 * workers):
+            pending.append(pool.submit(job, case))
+        while pending:
+            ready = pending.popleft().result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append(pool.submit(job, nxt))
+            yield ready
+
+    return ahead()
+
+
+def _raise(err: CaseError) -> Path:
+    raise err
+
+
+def _record(result: SegmentResult, case_id: str, start: float, write: Callable[[], Path]) -> None:
+    """Run (or wait for) a case's writing and record it, or its CaseError."""
+    try:
+        result.written[case_id] = write()
+        result.seconds[case_id] = time.perf_counter() - start
+        log.info("%s: %.1f s -> %s", case_id, result.seconds[case_id], result.written[case_id])
+    except CaseError as err:
+        log.error("%s", err)
+        result.failures.append(err)
+
+
 def segment_cases(
     model: str | LoadedModel,
     input_path: str | os.PathLike,
@@ -181,11 +276,16 @@ def segment_cases(
     layout: str = "auto",
     tracking_uri: str | None = None,
     progress: bool = True,
+    workers: int = 0,
 ) -> SegmentResult:
     """Segment every case under ``input_path`` with ``model`` into ``out_dir``.
 
     ``model`` is anything :func:`~brats_psp.checkpoint.load_model` takes, or a model it already loaded; ``cfg``
-    defaults to the ``infer`` section the model was trained with.
+    defaults to the ``infer`` section the model was trained with. With ``workers`` > 0, that
+    many spawned processes read and preprocess the next cases while the network runs on the
+    current one, and a thread writes each result in the background; the outputs, the log's
+    order and ``inference.json`` are those of ``workers=0``, and a bad case still stops only
+    itself. A case's time counts from the start of its reading to the end of its writing.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
     cfg = cfg or loaded.config.infer
@@ -194,15 +294,29 @@ def segment_cases(
     out_dir = ensure_writable_dir(out_dir)
     found = discover_cases(input_path, layout)
     result = SegmentResult(failures=list(found.failures))
-    for case in tqdm(found.cases, desc="infer", unit="case", disable=not progress):
-        start = time.perf_counter()
-        try:
-            result.written[case.case_id] = segment_case(case, loaded, out_dir, cfg, runtime)
-            result.seconds[case.case_id] = time.perf_counter() - start
-            log.info("%s: %.1f s -> %s", case.case_id, result.seconds[case.case_id], result.written[case.case_id])
-        except CaseError as err:
-            log.error("%s", err)
-            result.failures.append(err)
+    spacing = loaded.config.data.spacing
+    with contextlib.ExitStack() as stack:
+        prepared_cases = _prepared_in_order(found.cases, spacing, workers, stack)
+        writer = stack.enter_context(ThreadPoolExecutor(1)) if workers > 0 else None
+        writing: list[tuple[str, float, Callable[[], Path]]] = []
+        for case, prepared in tqdm(zip(found.cases, prepared_cases), total=len(found.cases), desc="infer", unit="case", disable=not progress):
+            if isinstance(prepared, CaseError):
+                outcome: Callable[[], Path] = functools.partial(_raise, prepared)
+                start = time.perf_counter()
+            else:
+                start = time.perf_counter() - prepared.seconds
+                probs = predict_volume(
+                    loaded.network, prepared.image.as_tensor(), cfg, runtime, loaded.config.model.output, loaded.config.data.context_slices
+                )
+                job = functools.partial(write_case, prepared, probs, spacing, out_dir, cfg)
+                # with workers, written in the background while the network runs on the next case
+                outcome = job if writer is None else writer.submit(job).result
+            if writer is None:
+                _record(result, case.case_id, start, outcome)
+            else:
+                writing.append((case.case_id, start, outcome))
+        for case_id, start, outcome in writing:  # in the order of the cases, as without workers
+            _record(result, case_id, start, outcome)
     write_json(
         out_dir / "inference.json",
         {

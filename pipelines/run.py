@@ -106,7 +106,7 @@ def infer(args: argparse.Namespace) -> int:
         raise ConfigError(f"infer takes only infer.* overrides (the rest comes from the model), got {not_infer}")
     loaded = load_model(args.model, args.tracking_uri)
     cfg = apply_overrides(loaded.config, args.overrides)
-    result = segment_cases(loaded, args.input, args.output, cfg.infer, layout=args.layout)
+    result = segment_cases(loaded, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers)
     log.info("wrote %d segmentation(s) to %s", len(result.written), args.output)
     return _report_failures(result.failures, "inference")
 
@@ -242,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--layout", default="auto", help="force the input layout (brats2021, brats2023, msd)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for run IDs and model URIs (default: MLflow's)")
+    p.add_argument(
+        "--workers", type=int, default=0,
+        help="processes that read and preprocess the next cases while the network runs (default 0: one after the other); "
+        "results are written in the background, in the same order and with the same labels",
+    )
 
     p = add("evaluate", "Dice/HD95 per case and region, the BraTS way; metrics.csv, summary.json, MLflow", config=False)
     p.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions")

@@ -266,3 +266,34 @@ def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
     strict = load_config(None, ["infer.min_component_fraction=0.5", "infer.small_et_voxels=0"]).infer
     out = postprocess(t.copy(), strict)
     assert (out[20:26, 20:26, 20:26] == 0).all() and (out[2:12, 2:12, 2:12] == t[2:12, 2:12, 2:12]).all()
+
+
+def test_infer_with_worker_processes_writes_the_same_labels_in_the_same_order(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``workers=2``: reading and preprocessing in spawned processes, writing in a thread; the same
+    files, voxel for voxel, the same order of the log and of inference.json, and a bad case
+    (an all-zero contrast, found on reading in a worker) stops only itself."""
+    from brats_psp.io import save_nifti
+    from tests.conftest import BRATS_AFFINE
+
+    raw = tmp_path / "raw"
+    for i in range(5):
+        write_case(raw, "brats2021", f"BraTS2021_{i:05d}", shape=(40, 44, 24), seed=i)
+    bad = raw / "BraTS2021_00002" / "BraTS2021_00002_t1.nii.gz"
+    save_nifti(bad, np.zeros((40, 44, 24), np.int16), BRATS_AFFINE)
+    runs = {}
+    for workers in (0, 2):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="brats_psp.segment"):
+            runs[workers] = segment_cases(str(checkpoint), raw, tmp_path / f"w{workers}", progress=False, workers=workers)
+        runs[workers].log = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "brats_psp.segment" and "BraTS2021_" in r.getMessage()]
+    serial, parallel = runs[0], runs[2]
+    assert list(parallel.written) == list(serial.written) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00003", "BraTS2021_00004"]
+    assert [f.case_id for f in parallel.failures] == [f.case_id for f in serial.failures] == ["BraTS2021_00002"]
+    assert "all zero" in str(parallel.failures[0]) and "BraTS2021_00002_t1.nii.gz" in str(parallel.failures[0])
+    assert parallel.log == serial.log  # the log names the cases in the same order
+    for case_id, path in serial.written.items():
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(parallel.written[case_id]).dataobj))
+    info = [json.loads((tmp_path / f"w{w}" / "inference.json").read_text()) for w in (0, 2)]
+    assert list(info[0]["seconds_per_case"]) == list(info[1]["seconds_per_case"]) and info[0]["failed"] == info[1]["failed"]
