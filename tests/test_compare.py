@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,41 @@ from scipy.stats import wilcoxon
 
 from brats_psp.compare import compare_runs, format_comparison
 from brats_psp.paired import PAIRED_COLUMNS, paired_rows, read_case_metrics
-from brats_psp.training import train
+from brats_psp.training import TrainResult, train
 from tests.conftest import run_cli
 from tests.test_training import smoke_config, tiny_data  # noqa: F401  (fixture)
 
 
-def test_compare_two_runs(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    a = train(smoke_config(tmp_path, "train.epochs=1", "tracking.run_name=progressive"), data=tiny_data, progress=False)
+@dataclass
+class Runs:
+    """Smoke runs shared by this module's tests, in one store: ``a`` and ``b`` (experiment
+    brats_psp, different settings) and ``c`` (another experiment, never evaluated)."""
+
+    a: TrainResult
+    b: TrainResult
+    c: TrainResult
+    root: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:  # noqa: F811
+    root = tmp_path_factory.mktemp("runs")
+    a = train(smoke_config(root, "train.epochs=1", "tracking.run_name=progressive"), data=tiny_data, progress=False)
     b = train(
-        smoke_config(tmp_path, "train.epochs=1", "model.decoder=bilinear", "train.lr=0.003", "tracking.run_name=bilinear"),
+        smoke_config(root, "train.epochs=1", "model.decoder=bilinear", "train.lr=0.003", "train.seed=1", "tracking.run_name=bilinear"),
         data=tiny_data, progress=False,
     )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = train(smoke_config(root, "train.epochs=1", "train.seed=2", "tracking.experiment=other"), data=tiny_data, progress=False)
+    return Runs(a, b, c, root)
+
+
+def test_compare_two_runs(runs: Runs, tmp_path: Path) -> None:
+    a, b = runs.a, runs.b
+    uri = runs.uri
     result = compare_runs("brats_psp", "val/dice_mean", out_dir=tmp_path / "cmp", tracking_uri=uri)
     assert {r["_full_id"] for r in result.rows} == {a.run_id, b.run_id}
     assert {"model.decoder", "train.lr"} <= set(result.differing_params)
@@ -82,20 +106,18 @@ def test_paired_statistics_on_hand_made_metrics(tmp_path: Path) -> None:
     assert left_out == 3 and {r["n"] for r in rows} == {11}
 
 
-def test_paired_comparison_of_two_evaluated_runs_end_to_end(tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs = [
-        train(smoke_config(tmp_path, "train.epochs=1", f"train.seed={seed}", f"tracking.run_name=seed{seed}"), data=tiny_data, progress=False)
-        for seed in (0, 1)
-    ]
+def test_paired_comparison_of_two_evaluated_runs_end_to_end(
+    runs: Runs, tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    uri = runs.uri
     fewer = tmp_path / "fewer"
     for case in sorted(tiny_data.iterdir())[:3]:  # the second run is evaluated on 3 of the 4 cases
         shutil.copytree(case, fewer / case.name)
-    for run, ref in zip(runs, (tiny_data, fewer)):
+    for run, ref in zip((runs.a, runs.b), (tiny_data, fewer)):
         pred = tmp_path / f"pred-{run.run_id[:8]}"
         assert run_cli("infer", "--model", str(run.best_checkpoint), "--input", str(tiny_data), "--output", str(pred)) == 0
         assert run_cli("evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(pred / "eval"), "--run", run.run_id, "--tracking-uri", uri) == 0
-    a, b = (r.run_id for r in runs)
+    a, b = runs.a.run_id, runs.b.run_id
     out = tmp_path / "paired"
     with caplog.at_level(logging.WARNING):
         assert run_cli("compare", "--runs", a, b, "--paired", "--out", str(out), "--tracking-uri", uri) == 0
@@ -118,18 +140,17 @@ def test_paired_comparison_of_two_evaluated_runs_end_to_end(tiny_data: Path, tmp
     table = format_comparison(compare_runs(run_ids=[a, b], tracking_uri=uri))
     assert "eval/dice_mean" in table and "eval/hd95_TC" in table
     # a run without an evaluation: a message that says how to make one
-    c = train(smoke_config(tmp_path, "train.epochs=1"), data=tiny_data, progress=False)
+    c = runs.c
     caplog.clear()
     assert run_cli("compare", "--runs", a, c.run_id, "--paired", "--out", str(out), "--tracking-uri", uri) == 2
     assert f"run {c.run_id} has no evaluation" in caplog.text and f"evaluate --pred <predictions> --ref <test cases> --run {c.run_id}" in caplog.text
 
 
-def test_promote_then_infer_by_alias_and_promote_again_moves_it(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_promote_then_infer_by_alias_and_promote_again_moves_it(runs: Runs, tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
     import nibabel as nib
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    a, b = (train(smoke_config(tmp_path, "train.epochs=1", f"train.seed={seed}"), data=tiny_data, progress=False) for seed in (0, 1))
+    uri, a, b = runs.uri, runs.a, runs.b
     assert run_cli("promote", a.run_id, "--name", "glioma", "--tracking-uri", uri) == 0
     by_alias, by_file = tmp_path / "by_alias", tmp_path / "by_file"
     assert run_cli("infer", "--model", "models:/glioma@champion", "--tracking-uri", uri, "--input", str(tiny_data), "--output", str(by_alias)) == 0

@@ -35,3 +35,35 @@ def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noq
     history = client.get_metric_history(run_ids[0], "train/loss")
     assert [m.step for m in history] == [0, 1]
     assert (tmp_path / "outputs" / run_ids[0] / "checkpoints" / "best.pt").is_file()
+
+
+def test_torchrun_two_nodes_on_one_machine(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Multi-node launch with PyTorch's own rendezvous: two torchrun "nodes" (one process each)
+    meet at a c10d endpoint on the loopback, as two machines would at the first one's address."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "brats_psp_test",
+            str(REPO / "pipelines" / "run.py"), "train", "--config", str(REPO / "configs" / "smoke.yaml"), "--data", str(tiny_data),
+            f"data.cache_dir={tmp_path / 'cache'}", "data.spacing=[2.0,2.0,2.0]", "data.slice_size=[32,32]",
+            "infer.roi_size=[32,32]", "train.slices_per_epoch=32", "train.epochs=1", f"train.output_dir={tmp_path / 'outputs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.threads=1",
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    run_ids = {r for out, _ in outs for r in re.findall(r"^run_id: (\w+)$", out, flags=re.M)}
+    assert len(run_ids) == 1, outs  # both nodes report the one run of the job
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("brats_psp").experiment_id])
+    assert run.info.status == "FINISHED" and "2 process(es)" in run.data.params["device"]
+    assert (tmp_path / "outputs" / run.info.run_id / "checkpoints" / "best.pt").is_file()
