@@ -49,6 +49,21 @@ def test_nested_release_folder(tmp_path: Path) -> None:
     assert len(discover_cases(tmp_path).cases) == 2
 
 
+def test_symbolically_linked_case_folders_are_found_once(tmp_path: Path) -> None:
+    # a dataset assembled from links to case folders kept elsewhere; a link back to the dataset
+    # itself (a loop) is not followed twice
+    store = tmp_path / "store"
+    for i in range(2):
+        write_case(store, "brats2021", f"BraTS2021_{i:05d}")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        (data / f"BraTS2021_{i:05d}").symlink_to(store / f"BraTS2021_{i:05d}", target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    found = discover_cases(data)
+    assert sorted(c.case_id for c in found.cases) == ["BraTS2021_00000", "BraTS2021_00001"] and not found.failures
+
+
 def test_msd_test_images_without_labels(tmp_path: Path) -> None:
     write_case(tmp_path, "msd", "BRATS_001")
     (tmp_path / "imagesTs").mkdir()

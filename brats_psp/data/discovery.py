@@ -78,8 +78,16 @@ def _match_file(stem: str, layout: Layout) -> tuple[str, str] | None:
 
 
 def _nifti_files(root: Path) -> list[Path]:
+    """NIfTI files under ``root``, following symbolically linked folders (a common way to
+    assemble a dataset) once each: a link that leads back into a visited folder is not entered."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and split_nifti_name(f))
     return found
