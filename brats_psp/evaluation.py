@@ -21,14 +21,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from brats_psp.data.discovery import Case, discover_cases
+from brats_psp.data.discovery import Case, discover_cases, label_files
 from brats_psp.data.transforms import read_nifti
 from brats_psp.errors import CaseError
 from brats_psp.io import write_json, write_text
 from brats_psp.labels import REGION_NAMES, LabelValueError, release_to_regions
 from brats_psp.metrics import region_metrics
 
-__all__ = ["METRICS", "EvaluationResult", "evaluate_case", "evaluate", "summarise", "format_table", "log_to_mlflow", "predictions_run_id"]
+__all__ = ["METRICS", "EvaluationResult", "evaluate_case", "evaluate_label", "evaluate", "summarise", "format_table", "log_to_mlflow", "predictions_run_id"]
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,19 @@ def evaluate_case(case: Case, pred_path: Path, pred_labels: str | None = None) -
     """Rows (one per region) of metrics for one case; the prediction uses ``pred_labels`` (default: the case's release)."""
     if case.label is None:
         raise CaseError(case.case_id, case.images[0], "reference case has no label file")
-    ref, ref_img = _read_label(case.case_id, case.label, case.layout)
-    pred, pred_img = _read_label(case.case_id, pred_path, pred_labels or case.layout)
+    return evaluate_label(case.case_id, case.label, case.layout, pred_path, pred_labels)
+
+
+def evaluate_label(case_id: str, label: Path, release: str, pred_path: Path, pred_labels: str | None = None) -> list[dict[str, Any]]:
+    """Rows (one per region) of metrics of ``pred_path`` against the reference ``label`` (in ``release``'s convention)."""
+    ref, ref_img = _read_label(case_id, label, release)
+    pred, pred_img = _read_label(case_id, pred_path, pred_labels or release)
     if pred.shape != ref.shape:
-        raise CaseError(case.case_id, pred_path, f"prediction shape {pred.shape[1:]} differs from the reference {ref.shape[1:]}")
+        raise CaseError(case_id, pred_path, f"prediction shape {pred.shape[1:]} differs from the reference {ref.shape[1:]}")
     if not np.allclose(pred_img.affine, ref_img.affine, atol=AFFINE_ATOL_MM):
-        raise CaseError(case.case_id, pred_path, "prediction affine differs from the reference (not in the input's geometry)")
+        raise CaseError(case_id, pred_path, "prediction affine differs from the reference (not in the input's geometry)")
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
-    return [{"case": case.case_id, "region": r, **region_metrics(pred[i], ref[i], spacing)} for i, r in enumerate(REGION_NAMES)]
+    return [{"case": case_id, "region": r, **region_metrics(pred[i], ref[i], spacing)} for i, r in enumerate(REGION_NAMES)]
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -144,14 +149,32 @@ def evaluate(
     layout: str = "auto",
     pred_labels: str | None = None,
 ) -> EvaluationResult:
-    """Score every reference case under ``ref`` that has a label against ``pred_dir/<case>.nii.gz``."""
+    """Score every reference case under ``ref`` that has a label against ``pred_dir/<case>.nii.gz``.
+
+    ``ref`` is a dataset (complete case folders, any layout) or a folder of reference label files
+    alone (``<id>_seg.nii.gz`` or ``<id>-seg.nii.gz``, as the challenge's tools take them).
+    """
     pred_dir = Path(pred_dir)
     out = Path(out_dir) if out_dir is not None else pred_dir
-    found = discover_cases(ref, layout)
-    result = EvaluationResult(failures=list(found.failures))
-    for case in found.cases:
+    labels = label_files(ref, layout)
+    if labels is not None:
+        log.info("%s: a folder of %d reference label file(s) alone", ref, len(labels))
+        result = EvaluationResult()
+        references = [(case_id, path, release) for case_id, (path, release) in sorted(labels.items())]
+    else:
+        found = discover_cases(ref, layout)
+        result = EvaluationResult(failures=list(found.failures))
+        references = []
+        for case in found.cases:
+            if case.label is None:
+                err = CaseError(case.case_id, case.images[0], "reference case has no label file")
+                log.error("%s", err)
+                result.failures.append(err)
+            else:
+                references.append((case.case_id, case.label, case.layout))
+    for case_id, label, release in references:
         try:
-            result.rows.extend(evaluate_case(case, _find_prediction(pred_dir, case.case_id), pred_labels))
+            result.rows.extend(evaluate_label(case_id, label, release, _find_prediction(pred_dir, case_id), pred_labels))
         except CaseError as err:
             log.error("%s", err)
             result.failures.append(err)

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "Dice/HD95 per case and region, the BraTS way; metrics.csv, summary.json, MLflow", config=False)
     p.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions")
-    p.add_argument("--ref", required=True, help="reference cases with labels (any layout)")
+    p.add_argument("--ref", required=True, help="reference cases with labels (any layout), or a folder of label files alone (<id>_seg.nii.gz, <id>-seg.nii.gz)")
     p.add_argument("--out", help="where metrics.csv and summary.json go (default: --pred)")
     p.add_argument("--run", help="MLflow run to log to (default: the run of the model that made the predictions)")
     p.add_argument("--layout", default="auto", help="force the reference layout")

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -146,3 +147,27 @@ def test_predictions_from_a_run_of_another_store_are_scored_with_a_warning(
     assert run_cli("evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(tmp_path / "eval")) == 0
     assert (tmp_path / "eval" / "metrics.csv").is_file()
     assert "was not logged" in caplog.text and "0123456789abcdef" in caplog.text
+
+
+@pytest.mark.parametrize("layout, case_id, seg", [("brats2021", "BraTS2021_00000", "_seg"), ("brats2023", "BraTS-GLI-00000-000", "-seg")])
+def test_evaluate_against_a_folder_of_label_files_alone(tmp_path: Path, layout: str, case_id: str, seg: str) -> None:
+    # the challenge's tools take reference labels without the images: the same metrics as with complete case folders
+    import shutil
+
+    from brats_psp.data.discovery import label_files
+    from tests.conftest import write_case
+
+    cases, labels_only, pred_dir = tmp_path / "cases", tmp_path / "labels", tmp_path / "pred"
+    for i in range(2):
+        cid = case_id.replace("0000", f"000{i}")
+        paths = write_case(cases, layout, cid, shape=SHAPE, seed=i)["paths"]
+        labels_only.mkdir(exist_ok=True)
+        shutil.copy(paths["seg"], labels_only / f"{cid}{seg}.nii.gz")
+        pred = np.asarray(nib.load(paths["seg"]).dataobj)
+        save_nifti(pred_dir / f"{cid}.nii.gz", np.roll(pred, i + 1, axis=0), nib.load(paths["seg"]).affine, dtype=np.uint8)
+    assert sorted(label_files(labels_only)) == sorted(c.name for c in cases.iterdir())
+    assert label_files(cases) is None  # complete case folders are not "labels alone"
+    full = evaluate(pred_dir, cases, tmp_path / "e1")
+    alone = evaluate(pred_dir, labels_only, tmp_path / "e2")
+    assert not full.failures and not alone.failures and len(alone.rows) == 6
+    assert alone.rows == full.rows

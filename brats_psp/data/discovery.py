@@ -20,7 +20,7 @@ from typing import Any
 from brats_psp.data.layouts import LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, get_layout
 from brats_psp.errors import CaseError, DiscoveryError
 
-__all__ = ["Case", "Discovery", "discover_cases", "detect_layout", "split_nifti_name", "resolve_inside"]
+__all__ = ["Case", "Discovery", "discover_cases", "detect_layout", "split_nifti_name", "resolve_inside", "label_files"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,29 @@ def _nifti_files(root: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and split_nifti_name(f))
     return found
+
+
+def label_files(root: str | os.PathLike, layout: str = "auto") -> dict[str, tuple[Path, str]] | None:
+    """A folder of reference label files alone (as the challenge's evaluation tools take them):
+    case id -> (label file, its release), or ``None`` when ``root`` holds anything else (contrast
+    images, files of no BraTS naming) or nothing.
+
+    The names say the release: ``<id>_seg.nii.gz`` is BraTS 2017-2021, ``<id>-seg.nii.gz`` BraTS
+    2023+; ``layout`` forces one of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    layouts = [LAYOUTS[layout]] if layout in ("brats2021", "brats2023") else [LAYOUTS["brats2021"], LAYOUTS["brats2023"]]
+    found: dict[str, tuple[Path, str]] = {}
+    for path in _nifti_files(root):
+        stem = split_nifti_name(path.name)[0]  # type: ignore[index]
+        matches = [(m, lay.name) for lay in layouts if (m := _match_file(stem, lay))]
+        if not matches or any(modality != "seg" for (_, modality), _ in matches):
+            return None  # a contrast image or an unknown file: not a folder of labels alone
+        (case_id, _), release = matches[0]
+        found[case_id] = (path, release)
+    return found or None
 
 
 def detect_layout(root: str | os.PathLike) -> str:
