@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
@@ -37,6 +38,7 @@ def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noq
     assert (tmp_path / "outputs" / run_ids[0] / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.slow  # about 45 s: `make test-all`
 def test_torchrun_two_nodes_on_one_machine(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
     """Multi-node launch with PyTorch's own rendezvous: two torchrun "nodes" (one process each)
     meet at a c10d endpoint on the loopback, as two machines would at the first one's address."""
