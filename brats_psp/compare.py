@@ -67,7 +67,7 @@ def compare_runs(
         runs = client.search_runs([exp.experiment_id], max_results=1000)
     if not runs:
         raise ValueError(f"no runs to compare in experiment {experiment!r}")
-    warn_if_case_sets_differ(client, [r.info.run_id for r in runs])
+    warn_if_case_sets_differ(runs)
     keys = sorted({k for r in runs for k in r.data.params} - set(_IGNORED_PARAMS))
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     result = Comparison(differing_params=differing, metric=metric)
@@ -93,24 +93,23 @@ def compare_runs(
     return result
 
 
-def case_set_digests(client: Any, run_id: str) -> dict[str, str]:
-    """Context (training, validation, evaluation) -> digest of the case set the run logged for it."""
-    inputs = client.get_run(run_id).inputs
+def case_set_digests(run: Any) -> dict[str, str]:
+    """Context (training, validation, evaluation) -> digest of the case set an MLflow ``run`` logged for it."""
     digests = {}
-    for item in getattr(inputs, "dataset_inputs", None) or []:
+    for item in getattr(run.inputs, "dataset_inputs", None) or []:
         context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), None)
         if context:
             digests[context] = item.dataset.digest
     return digests
 
 
-def warn_if_case_sets_differ(client: Any, run_ids: list[str]) -> dict[str, dict[str, str]]:
-    """Warn, per context, when the runs trained, validated or were evaluated on different case
-    sets (their logged inputs' digests differ); return context -> run -> digest."""
+def warn_if_case_sets_differ(runs: list[Any]) -> dict[str, dict[str, str]]:
+    """Warn, per context, when the MLflow ``runs`` trained, validated or were evaluated on
+    different case sets (their logged inputs' digests differ); return context -> run -> digest."""
     by_context: dict[str, dict[str, str]] = {}
-    for run_id in run_ids:
-        for context, digest in case_set_digests(client, run_id).items():
-            by_context.setdefault(context, {})[run_id] = digest
+    for run in runs:
+        for context, digest in case_set_digests(run).items():
+            by_context.setdefault(context, {})[run.info.run_id] = digest
     for context, digests in sorted(by_context.items()):
         if len(set(digests.values())) > 1:
             log.warning(

@@ -135,14 +135,10 @@ class ModelConfig:
         Raises:
             ConfigError: an unknown key, a wrong type or a value out of range, naming the key.
         """
-        model = cls()
-        hints = _section_hints(cls)
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"unknown key model.{key}; known keys: {sorted(hints)}")
-            setattr(model, key, _coerce(value, hints[key], f"model.{key}"))
-        model.validate()
-        return model
+        config = Config()
+        _apply(config, {"model": dict(values)}, "model config")
+        config.model.validate()
+        return config.model
 
 
 @dataclass

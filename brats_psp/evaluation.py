@@ -10,10 +10,12 @@ std, median and quartiles per region and metric), and logs both to an MLflow run
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,24 +159,18 @@ def evaluate(
     pred_dir = Path(pred_dir)
     out = Path(out_dir) if out_dir is not None else pred_dir
     labels = label_files(ref, layout)
+    scorers: list[tuple[str, Callable[[Path, str | None], list[dict[str, Any]]]]]
     if labels is not None:
         log.info("%s: a folder of %d reference label file(s) alone", ref, len(labels))
         result = EvaluationResult()
-        references = [(case_id, path, release) for case_id, (path, release) in sorted(labels.items())]
+        scorers = [(case_id, functools.partial(evaluate_label, case_id, path, release)) for case_id, (path, release) in sorted(labels.items())]
     else:
         found = discover_cases(ref, layout)
         result = EvaluationResult(failures=list(found.failures))
-        references = []
-        for case in found.cases:
-            if case.label is None:
-                err = CaseError(case.case_id, case.images[0], "reference case has no label file")
-                log.error("%s", err)
-                result.failures.append(err)
-            else:
-                references.append((case.case_id, case.label, case.layout))
-    for case_id, label, release in references:
+        scorers = [(case.case_id, functools.partial(evaluate_case, case)) for case in found.cases]
+    for case_id, score in scorers:
         try:
-            result.rows.extend(evaluate_label(case_id, label, release, _find_prediction(pred_dir, case_id), pred_labels))
+            result.rows.extend(score(_find_prediction(pred_dir, case_id), pred_labels))
         except CaseError as err:
             log.error("%s", err)
             result.failures.append(err)

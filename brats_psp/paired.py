@@ -158,7 +158,7 @@ def compare_paired(
 
     client = MlflowClient(tracking_uri=tracking_uri)
     tables = {run_id: _run_metrics(client, run_id) for run_id in run_ids}
-    warn_if_case_sets_differ(client, list(run_ids))
+    warn_if_case_sets_differ([client.get_run(run_id) for run_id in run_ids])
     result = PairedComparison(alpha=alpha)
     first = run_ids[0]
     for other in run_ids[1:]:

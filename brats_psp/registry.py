@@ -46,7 +46,7 @@ def promote(run_id: str, name: str, alias: str = "champion", tracking_uri: str |
         client.get_run(run_id)
     except Exception as err:
         raise RunError(f"promote {run_id}: no such MLflow run at {client.tracking_uri} ({err})") from None
-    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id] if _exists(client, name) else []
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")  # [] for a name not registered yet
     if existing:
         version, registered_now = max(existing, key=lambda v: int(v.version)), False
     else:
@@ -63,12 +63,3 @@ def promote(run_id: str, name: str, alias: str = "champion", tracking_uri: str |
     log.info("%s version %s (run %s) is now %s@%s", name, version.version, run_id, name, alias)
     return Promotion(name, str(version.version), alias, run_id, registered_now)
 
-
-def _exists(client: object, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)  # type: ignore[attr-defined]
-        return True
-    except MlflowException:
-        return False

@@ -52,7 +52,7 @@ from brats_psp.io import ensure_writable_dir, save_nifti, write_json
 from brats_psp.labels import Tissue, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
-__all__ = ["SegmentResult", "PreparedCase", "prepare_case", "write_case", "segment_case", "segment_cases", "postprocess"]
+__all__ = ["SegmentResult", "PreparedCase", "prepare_case", "predict_case", "write_case", "segment_case", "segment_cases", "postprocess"]
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,17 @@ def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfi
     Raises:
         CaseError: the case's files are unusable (named in the message).
     """
-    train_cfg = loaded.config
-    prepared = prepare_case(case, train_cfg.data.spacing)
+    prepared = prepare_case(case, loaded.config.data.spacing)
     if isinstance(prepared, CaseError):
         raise prepared
-    probs = predict_volume(loaded.network, prepared.image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
-    return write_case(prepared, probs, train_cfg.data.spacing, out_dir, cfg)
+    return write_case(prepared, predict_case(loaded, prepared, cfg, runtime), loaded.config.data.spacing, out_dir, cfg)
+
+
+def predict_case(loaded: LoadedModel, prepared: PreparedCase, cfg: InferConfig, runtime: Runtime) -> torch.Tensor:
+    """Region probabilities (3, X, Y, Z) of a prepared case in the preprocessed space, with the
+    output mode and 2.5D context the model was trained with."""
+    train_cfg = loaded.config
+    return predict_volume(loaded.network, prepared.image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
 
 
 def _reader_threads(threads: int) -> None:
@@ -305,10 +310,7 @@ def segment_cases(
                 start = time.perf_counter()
             else:
                 start = time.perf_counter() - prepared.seconds
-                probs = predict_volume(
-                    loaded.network, prepared.image.as_tensor(), cfg, runtime, loaded.config.model.output, loaded.config.data.context_slices
-                )
-                job = functools.partial(write_case, prepared, probs, spacing, out_dir, cfg)
+                job = functools.partial(write_case, prepared, predict_case(loaded, prepared, cfg, runtime), spacing, out_dir, cfg)
                 # with workers, written in the background while the network runs on the next case
                 outcome = job if writer is None else writer.submit(job).result
             if writer is None:
