@@ -98,8 +98,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
         image, _, ref_img = load_case_arrays(case, with_label=False)
         ornt = nib.orientations.ornt_transform(nib.io_orientation(ref_img.affine), nib.orientations.axcodes2ornt("RAS"))
         image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
-        pred = release_to_tissue(_ras(row["prediction"])[0], case.layout)
-        ref = release_to_tissue(_ras(row["reference"])[0], case.layout) if row["reference"] else None
+        pred = release_to_tissue(_ras(row["prediction"])[0], case.labels)
+        ref = release_to_tissue(_ras(row["reference"])[0], case.labels) if row["reference"] else None
         focus = ref if ref is not None and ref.any() else pred
         z = int(np.argmax((focus > 0).sum(axis=(0, 1)))) if focus.any() else image.shape[-1] // 2
         flair, t1ce = image[3, :, :, z], image[1, :, :, z]
@@ -135,7 +135,7 @@ def run(model: str, real: Path, refs: Path, out: Path, overrides: list[str]) -> 
         ref = find_reference(refs, case.case_id)
         row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
         if ref is not None:
-            row["scores"] = scored[case.case_id] = score_case(pred, ref, case.layout)
+            row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
         rows.append(row)
     mean = {
         region: {key: float(np.mean([s[region][key] for s in scored.values()])) for key in ("dice", "hd95")}

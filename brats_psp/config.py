@@ -53,6 +53,7 @@ class DataConfig:
 
     root: str | None = None  # dataset folder or datalist; None: the built-in synthetic set
     layout: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
+    task: str = "auto"  # BraTS 2023+ task: auto (from each case id) or GLI, SSA, GoAT, MEN, MET, PED, MEN-RT
     cache_dir: str = ".cache/brats_psp"  # preprocessed cases (and the generated demo set)
     demo_cases: int = 50  # size of the built-in synthetic set
     demo_seed: int = 0
@@ -87,6 +88,9 @@ class DataConfig:
         _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", self.flip_prob, "in [0, 1]")
         _check(len(self.gamma_range) == 2 and 0 < self.gamma_range[0] <= self.gamma_range[1], "data.gamma_range", self.gamma_range, "[low, high] with 0 < low <= high")
         _check(0.0 <= self.lesion_appearance <= 1.0, "data.lesion_appearance", self.lesion_appearance, "in [0, 1]")
+        from brats_psp.labels import TASKS
+
+        _check(self.task.lower() in {"auto", *(t.lower() for t in TASKS)}, "data.task", self.task, f"auto or one of {list(TASKS)}")
         for key in ("rotate_deg", "scale_range", "intensity_scale", "intensity_shift", "noise_std", "bias_field"):
             _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), ">= 0")
 
@@ -191,7 +195,7 @@ class InferConfig:
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
-    labels: Literal["input", "brats2021", "brats2023", "msd"] = "input"
+    labels: Literal["input", "brats2021", "brats2023", "brats2023-ped", "msd"] = "input"
     save_probabilities: bool = False
 
     def validate(self) -> None:

@@ -10,12 +10,10 @@ std, median and quartiles per region and metric), and logs both to an MLflow run
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from brats_psp.data.discovery import Case, discover_cases, label_files
 from brats_psp.data.transforms import read_nifti
 from brats_psp.errors import CaseError
 from brats_psp.io import write_json, write_text
-from brats_psp.labels import REGION_NAMES, LabelValueError, release_to_regions
+from brats_psp.labels import REGION_NAMES, LabelValueError, NoRegionsError, convention_for, get_release, release_to_regions
 from brats_psp.metrics import region_metrics
 
 __all__ = ["METRICS", "EvaluationResult", "evaluate_case", "evaluate_label", "evaluate", "summarise", "format_table", "log_to_mlflow", "predictions_run_id"]
@@ -67,7 +65,7 @@ def evaluate_case(case: Case, pred_path: Path, pred_labels: str | None = None) -
     """Rows (one per region) of metrics for one case; the prediction uses ``pred_labels`` (default: the case's release)."""
     if case.label is None:
         raise CaseError(case.case_id, case.images[0], "reference case has no label file")
-    return evaluate_label(case.case_id, case.label, case.layout, pred_path, pred_labels)
+    return evaluate_label(case.case_id, case.label, case.labels, pred_path, pred_labels)
 
 
 def evaluate_label(case_id: str, label: Path, release: str, pred_path: Path, pred_labels: str | None = None) -> list[dict[str, Any]]:
@@ -150,27 +148,43 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     layout: str = "auto",
     pred_labels: str | None = None,
+    task: str = "auto",
 ) -> EvaluationResult:
     """Score every reference case under ``ref`` that has a label against ``pred_dir/<case>.nii.gz``.
 
     ``ref`` is a dataset (complete case folders, any layout) or a folder of reference label files
-    alone (``<id>_seg.nii.gz`` or ``<id>-seg.nii.gz``, as the challenge's tools take them).
+    alone (``<id>_seg.nii.gz`` or ``<id>-seg.nii.gz``, as the challenge's tools take them, or an
+    MSD ``labelsTr/``). Each reference is read in its case's label convention (for BraTS 2023+,
+    its task's: ``BraTS-PED-*`` is paediatric; ``task`` forces one), and so is its prediction
+    unless ``pred_labels`` names another convention.
     """
     pred_dir = Path(pred_dir)
     out = Path(out_dir) if out_dir is not None else pred_dir
     labels = label_files(ref, layout)
-    scorers: list[tuple[str, Callable[[Path, str | None], list[dict[str, Any]]]]]
+    references: list[tuple[str, Path | None, str, Case | None]] = []  # (case id, label, convention, case)
     if labels is not None:
         log.info("%s: a folder of %d reference label file(s) alone", ref, len(labels))
         result = EvaluationResult()
-        scorers = [(case_id, functools.partial(evaluate_label, case_id, path, release)) for case_id, (path, release) in sorted(labels.items())]
+        for case_id, (path, label_layout) in sorted(labels.items()):
+            try:
+                references.append((case_id, path, convention_for(case_id, label_layout, task), None))
+            except ValueError as err:
+                result.failures.append(CaseError(case_id, path, str(err)))
     else:
-        found = discover_cases(ref, layout)
+        found = discover_cases(ref, layout, task=task)
         result = EvaluationResult(failures=list(found.failures))
-        scorers = [(case.case_id, functools.partial(evaluate_case, case)) for case in found.cases]
-    for case_id, score in scorers:
+        references = [(case.case_id, case.label, case.labels, case) for case in found.cases]
+    for case_id, path, convention, case in references:
         try:
-            result.rows.extend(score(_find_prediction(pred_dir, case_id), pred_labels))
+            try:
+                get_release(convention, regions=True)  # MEN-RT: refused before looking for a prediction
+            except NoRegionsError as err:
+                raise CaseError(case_id, path or ref, str(err)) from None
+            pred_path = _find_prediction(pred_dir, case_id)
+            if case is not None:
+                result.rows.extend(evaluate_case(case, pred_path, pred_labels))
+            else:
+                result.rows.extend(evaluate_label(case_id, path, convention, pred_path, pred_labels))  # type: ignore[arg-type]
         except CaseError as err:
             log.error("%s", err)
             result.failures.append(err)

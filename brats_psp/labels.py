@@ -1,4 +1,4 @@
-"""Label conventions of every BraTS release and the evaluation regions, as data.
+"""Label conventions of every BraTS release and task, and the evaluation regions, as data.
 
 This module is the only place in brats_psp that knows what a label value means.
 Everything else (data loading, losses, metrics, inference) asks it.
@@ -6,22 +6,35 @@ Everything else (data loading, losses, metrics, inference) asks it.
 Internally a label map uses *tissue* codes (:class:`Tissue`)::
 
     0 background, 1 NCR (necrotic / non-enhancing core), 2 ED (edema / SNFH),
-    3 ET (enhancing tumour), 4 RC (resection cavity, BraTS 2024; in no region)
+    3 ET (enhancing tumour), 4 RC (resection cavity, BraTS 2024; in no region),
+    5 CC (cystic component, paediatric; in TC and WT), 6 GTV (MEN-RT; in no region)
 
 and the network predicts the three nested BraTS *regions* (channel order
 ``REGION_NAMES``)::
 
-    WT (whole tumour) = NCR | ED | ET,  TC (tumour core) = NCR | ET,  ET = ET
+    WT (whole tumour) = NCR | ED | ET | CC,  TC (tumour core) = NCR | ET | CC,  ET = ET
 
-Release label values (from ``shared/REFERENCE.md``; MSD from its ``dataset.json``):
+Label conventions (from ``shared/REFERENCE.md``, checked against the ``configs/`` of the
+official ``brats-evaluation`` package; MSD from its ``dataset.json``):
 
-============  =====  =====  =====  ==========
-release       NCR    ED     ET     other
-============  =====  =====  =====  ==========
-brats2021     1      2      4      (3 unused)
-brats2023     1      2      3      4 = RC
-msd           2      1      3
-============  =====  =====  =====  ==========
+====================  =====  =====  =====  =====  =================================
+convention            NCR    ED     ET     CC     other
+====================  =====  =====  =====  =====  =================================
+brats2021             1      2      4             (3 unused)
+brats2023             1      2      3             4 = RC (GLI 2024+)
+brats2023-ped         2      4      1      3
+brats2023-men-rt                                  1 = GTV (no regions)
+msd                   2      1      3
+====================  =====  =====  =====  =====  =================================
+
+Since 2023 every BraTS task shares one file naming (``BraTS-<TASK>-<patient>-<timepoint>``)
+but not one convention: the task in the case id picks it (:data:`TASKS`,
+:func:`convention_for`), or ``data.task`` forces it. GLI, SSA, GoAT, MEN and MET use
+``brats2023``; PED (paediatric: 1 ET, 2 NETC, 3 CC, 4 ED) ``brats2023-ped``; MEN-RT (one
+label, the radiotherapy target) has no WT/TC/ET regions, so a region model refuses it
+(:class:`NoRegionsError`). Predictions written in the PED convention use 1 (ET), 2 (the
+tumour core without ET) and 4 (edema): the regions cannot tell a cyst from the rest of
+the core, so 3 (CC) is never predicted.
 
 MSD label 2 is *non-enhancing tumour* (part of TC), not enhancing tumour: a widely
 copied tutorial gets this wrong; ``tests/test_labels.py`` pins it.
@@ -30,6 +43,7 @@ copied tutorial gets this wrong; ``tests/test_labels.py`` pins it.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -49,6 +63,11 @@ __all__ = [
     "release_to_regions",
     "region_presence",
     "LabelValueError",
+    "NoRegionsError",
+    "UnknownTaskError",
+    "TASKS",
+    "task_of",
+    "convention_for",
 ]
 
 
@@ -60,12 +79,14 @@ class Tissue(enum.IntEnum):
     ED = 2
     ET = 3
     RC = 4
+    CC = 5
+    GTV = 6
 
 
 #: Regions scored by BraTS, in the channel order of the network output.
 REGIONS: dict[str, tuple[Tissue, ...]] = {
-    "WT": (Tissue.NCR, Tissue.ED, Tissue.ET),
-    "TC": (Tissue.NCR, Tissue.ET),
+    "WT": (Tissue.NCR, Tissue.ED, Tissue.ET, Tissue.CC),
+    "TC": (Tissue.NCR, Tissue.ET, Tissue.CC),
     "ET": (Tissue.ET,),
 }
 REGION_NAMES: tuple[str, ...] = tuple(REGIONS)
@@ -75,12 +96,21 @@ class LabelValueError(ValueError):
     """A label map holds values outside its release's set."""
 
 
+class NoRegionsError(LabelValueError):
+    """A convention without WT/TC/ET regions (MEN-RT) met a region model."""
+
+
+class UnknownTaskError(ValueError):
+    """A BraTS 2023+ case id whose task is not known (the message says how to force one)."""
+
+
 @dataclass(frozen=True)
 class Release:
     """One release's label convention: release value -> tissue."""
 
     name: str
     to_tissue: Mapping[int, Tissue]
+    has_regions: bool = True  # False: no WT/TC/ET (MEN-RT); region models refuse it
 
     @property
     def values(self) -> tuple[int, ...]:
@@ -107,19 +137,90 @@ RELEASES: dict[str, Release] = {
         "brats2023",
         {0: Tissue.BACKGROUND, 1: Tissue.NCR, 2: Tissue.ED, 3: Tissue.ET, 4: Tissue.RC},
     ),
+    "brats2023-ped": Release(
+        "brats2023-ped",
+        {0: Tissue.BACKGROUND, 1: Tissue.ET, 2: Tissue.NCR, 3: Tissue.CC, 4: Tissue.ED},
+    ),
+    "brats2023-men-rt": Release("brats2023-men-rt", {0: Tissue.BACKGROUND, 1: Tissue.GTV}, has_regions=False),
     "msd": Release(
         "msd",
         {0: Tissue.BACKGROUND, 1: Tissue.ED, 2: Tissue.NCR, 3: Tissue.ET},
     ),
 }
 
+#: BraTS 2023+ task (the second field of the case id) -> its label convention.
+TASKS: dict[str, str] = {
+    "GLI": "brats2023",
+    "SSA": "brats2023",
+    "GoAT": "brats2023",
+    "MEN": "brats2023",
+    "MET": "brats2023",
+    "PED": "brats2023-ped",
+    "MEN-RT": "brats2023-men-rt",
+}
 
-def get_release(name: str) -> Release:
-    """Return the convention named ``name`` (``brats2021``, ``brats2023`` or ``msd``)."""
+_TASK_ID = re.compile(r"^BraTS-(MEN-RT|[A-Za-z]+)-")
+
+
+def _canonical_task(name: str) -> str | None:
+    return next((t for t in TASKS if t.lower() == name.lower()), None)
+
+
+def task_of(case_id: str) -> str:
+    """The BraTS 2023+ task of ``case_id`` (``BraTS-PED-00012-000`` -> ``PED``).
+
+    Raises:
+        UnknownTaskError: the id has no task field, or one not in :data:`TASKS`; the
+            message says how to force the task.
+    """
+    match = _TASK_ID.match(case_id)
+    task = _canonical_task(match.group(1)) if match else None
+    if task is None:
+        what = f"task {match.group(1)!r}" if match else "no BraTS-<TASK>- prefix"
+        raise UnknownTaskError(
+            f"case {case_id}: {what} in its id, so its label convention is unknown; "
+            f"force one with data.task=<task> (infer/evaluate: --task), one of {list(TASKS)}"
+        )
+    return task
+
+
+def convention_for(case_id: str, layout: str, task: str = "auto") -> str:
+    """The label convention of a case: its layout's, or for BraTS 2023+ files its task's.
+
+    Args:
+        case_id: the case's id (for 2023+ files, ``BraTS-<TASK>-...`` names the task).
+        layout: ``brats2021``, ``brats2023`` or ``msd``.
+        task: ``auto`` (from the id), or a task of :data:`TASKS` to force (any case).
+
+    Raises:
+        UnknownTaskError: ``task`` is not a known task, or ``auto`` and the id names none.
+        ValueError: a task other than GLI forced on brats2021 / MSD files (one convention each).
+    """
+    if task != "auto" and _canonical_task(task) is None:
+        raise UnknownTaskError(f"unknown task {task!r} (data.task / --task); expected auto or one of {list(TASKS)}")
+    if layout != "brats2023":
+        if task != "auto" and _canonical_task(task) != "GLI":
+            raise ValueError(f"case {case_id}: task {task} needs BraTS 2023+ files; {layout} files have one label convention")
+        return layout
+    return TASKS[task_of(case_id) if task == "auto" else _canonical_task(task)]  # type: ignore[index]
+
+
+def get_release(name: str, regions: bool = False) -> Release:
+    """Return the convention named ``name`` (a key of :data:`RELEASES`).
+
+    With ``regions=True`` a convention without WT/TC/ET regions (MEN-RT) raises
+    :class:`NoRegionsError`.
+    """
     try:
-        return RELEASES[name]
+        rel = RELEASES[name]
     except KeyError:
         raise ValueError(f"unknown label convention {name!r}; expected one of {sorted(RELEASES)}") from None
+    if regions and not rel.has_regions:
+        raise NoRegionsError(
+            f"the {name} convention (MEN-RT: one label, 1 = GTV) has no WT/TC/ET regions; "
+            "a region model cannot be trained, run or scored on it"
+        )
+    return rel
 
 
 def _lookup_table(mapping: Mapping[int, int], size: int, fill: int) -> np.ndarray:
@@ -135,7 +236,7 @@ def release_to_tissue(label: np.ndarray, release: str) -> np.ndarray:
     Raises :class:`LabelValueError` naming the offending values when ``label`` holds
     values outside the release's set (non-integers included).
     """
-    rel = get_release(release)
+    rel = get_release(release, regions=True)
     arr = np.asarray(label)
     if not np.issubdtype(arr.dtype, np.integer):
         rounded = np.rint(arr)
@@ -153,10 +254,13 @@ def release_to_tissue(label: np.ndarray, release: str) -> np.ndarray:
 def tissue_to_release(tissue: np.ndarray, release: str) -> np.ndarray:
     """Map tissue codes back to a release's label values (uint8).
 
-    Tissues a release cannot express (RC outside brats2023) become background.
+    Tissues a release cannot express (RC outside brats2023) become background; CC (a
+    paediatric cyst) becomes NCR where the release has no CC.
     """
-    rel = get_release(release)
-    table = _lookup_table({int(t): v for t, v in rel.from_tissue.items()}, len(Tissue), 0)
+    rel = get_release(release, regions=True)
+    mapping = {int(t): v for t, v in rel.from_tissue.items()}
+    mapping.setdefault(int(Tissue.CC), rel.from_tissue[Tissue.NCR])
+    table = _lookup_table(mapping, len(Tissue), 0)
     return table[np.asarray(tissue, dtype=np.int64)].astype(np.uint8)
 
 

@@ -24,7 +24,8 @@ __all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay",
 log = logging.getLogger(__name__)
 
 #: Colours of the tissue codes: NCR red, ED green, ET yellow, RC blue (background transparent).
-TISSUE_CMAP = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.6), (0.1, 0.8, 0.2, 0.45), (1.0, 0.9, 0.0, 0.7), (0.2, 0.4, 1.0, 0.5)])
+TISSUE_CMAP = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.6), (0.1, 0.8, 0.2, 0.45), (1.0, 0.9, 0.0, 0.7), (0.2, 0.4, 1.0, 0.5),
+                              (0.7, 0.2, 0.9, 0.6), (0.0, 0.9, 0.9, 0.5)])  # by Tissue code: BG NCR ED ET RC CC GTV
 MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
 
@@ -126,7 +127,7 @@ def plot_prediction(case_dir: str | os.PathLike, prediction: str | os.PathLike, 
     image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
     pred_img = nib.load(str(prediction))
     pred = nib.orientations.apply_orientation(np.asarray(pred_img.dataobj), ornt)
-    tissue = release_to_tissue(pred, case.layout)
+    tissue = release_to_tissue(pred, case.labels)
     z = int(np.argmax((tissue > 0).sum(axis=(0, 1)))) if tissue.any() else image.shape[-1] // 2
     fig, axes = plt.subplots(1, len(MODALITIES) + 1, figsize=(2.6 * (len(MODALITIES) + 1), 3.0))
     for ax, (c, modality) in zip(axes, enumerate(MODALITIES)):

@@ -49,7 +49,7 @@ from brats_psp.data.transforms import apply_transforms, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
 from brats_psp.inference import predict_volume, probabilities_to_tissue
 from brats_psp.io import ensure_writable_dir, save_nifti, write_json
-from brats_psp.labels import Tissue, tissue_to_release
+from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
 __all__ = ["SegmentResult", "PreparedCase", "prepare_case", "predict_case", "write_case", "segment_case", "segment_cases", "postprocess"]
@@ -197,7 +197,7 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
     else:
         tissue = tissue_on_input_grid(probs, image, chain, cfg.threshold)
     tissue = postprocess(tissue, cfg)
-    release = case.layout if cfg.labels == "input" else cfg.labels
+    release = case.labels if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)
     out = out_dir / f"{case.case_id}.nii.gz"
     header = ref.header.copy() if isinstance(ref, nib.Nifti1Image) and len(ref.shape) == 3 else None
@@ -258,6 +258,21 @@ def _prepared_in_order(cases: list[Case], spacing: Sequence[float], workers: int
     return ahead()
 
 
+def _with_regions(cases: list[Case], cfg: InferConfig, result: SegmentResult) -> list[Case]:
+    """The cases whose output convention has WT/TC/ET regions; the others (MEN-RT) are
+    failures, before any work is done on them."""
+    kept = []
+    for case in cases:
+        try:
+            get_release(case.labels if cfg.labels == "input" else cfg.labels, regions=True)
+            kept.append(case)
+        except NoRegionsError as err:
+            failure = CaseError(case.case_id, case.images[0].parent, str(err))
+            log.error("%s", failure)
+            result.failures.append(failure)
+    return kept
+
+
 def _raise(err: CaseError) -> Path:
     raise err
 
@@ -282,6 +297,7 @@ def segment_cases(
     tracking_uri: str | None = None,
     progress: bool = True,
     workers: int = 0,
+    task: str = "auto",
 ) -> SegmentResult:
     """Segment every case under ``input_path`` with ``model`` into ``out_dir``.
 
@@ -290,15 +306,17 @@ def segment_cases(
     many spawned processes read and preprocess the next cases while the network runs on the
     current one, and a thread writes each result in the background; the outputs, the log's
     order and ``inference.json`` are those of ``workers=0``, and a bad case still stops only
-    itself. A case's time counts from the start of its reading to the end of its writing.
+    itself. Predictions are written in each case's label convention (``infer.labels: input``; for
+    BraTS 2023+ its task's, ``task`` forcing one), or in the one ``infer.labels`` names. A case's time counts from the start of its reading to the end of its writing.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
     cfg = cfg or loaded.config.infer
     runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, loaded.config.train.threads)
     loaded.network.to(runtime.device)
     out_dir = ensure_writable_dir(out_dir)
-    found = discover_cases(input_path, layout)
+    found = discover_cases(input_path, layout, task=task)
     result = SegmentResult(failures=list(found.failures))
+    found.cases = _with_regions(found.cases, cfg, result)
     spacing = loaded.config.data.spacing
     with contextlib.ExitStack() as stack:
         prepared_cases = _prepared_in_order(found.cases, spacing, workers, stack)

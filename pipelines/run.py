@@ -106,7 +106,7 @@ def infer(args: argparse.Namespace) -> int:
         raise ConfigError(f"infer takes only infer.* overrides (the rest comes from the model), got {not_infer}")
     loaded = load_model(args.model, args.tracking_uri)
     cfg = apply_overrides(loaded.config, args.overrides)
-    result = segment_cases(loaded, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers)
+    result = segment_cases(loaded, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers, task=args.task)
     log.info("wrote %d segmentation(s) to %s", len(result.written), args.output)
     return _report_failures(result.failures, "inference")
 
@@ -116,7 +116,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from brats_psp.evaluation import evaluate as evaluate_stage
     from brats_psp.evaluation import format_table, log_to_mlflow, predictions_run_id
 
-    result = evaluate_stage(args.pred, args.ref, args.out, layout=args.layout, pred_labels=args.pred_labels)
+    result = evaluate_stage(args.pred, args.ref, args.out, layout=args.layout, pred_labels=args.pred_labels, task=args.task)
     print(format_table(result.summary))
     log.info("wrote %s and %s", result.metrics_csv, result.summary_json)
     run_id = args.run or predictions_run_id(args.pred)
@@ -216,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (case i is the same for any --cases)")
-    p.add_argument("--format", choices=["brats2021", "brats2023", "msd"], default="brats2021", help="release layout")
+    p.add_argument(
+        "--format", choices=["brats2021", "brats2023", "brats2023-ped", "msd"], default="brats2021",
+        help="release layout and labels (brats2023: BraTS-GLI-* ids; brats2023-ped: BraTS-PED-* ids in the paediatric convention)",
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per available core)")
 
     p = add("preprocess", "run the volume transforms once per case and cache slices, a datalist and a summary")
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="case folder, dataset folder (any layout) or datalist JSON")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--layout", default="auto", help="force the input layout (brats2021, brats2023, msd)")
+    p.add_argument("--task", default="auto", help="BraTS 2023+ task whose label convention the cases use (default auto: from each case id, BraTS-PED-* is paediatric); GLI, SSA, GoAT, MEN, MET, PED")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for run IDs and model URIs (default: MLflow's)")
     p.add_argument(
         "--workers", type=int, default=0,
@@ -250,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "Dice/HD95 per case and region, the BraTS way; metrics.csv, summary.json, MLflow", config=False)
     p.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions")
-    p.add_argument("--ref", required=True, help="reference cases with labels (any layout), or a folder of label files alone (<id>_seg.nii.gz, <id>-seg.nii.gz)")
+    p.add_argument("--ref", required=True, help="reference cases with labels (any layout), or a folder of label files alone (<id>_seg.nii.gz, <id>-seg.nii.gz, MSD labelsTr/)")
     p.add_argument("--out", help="where metrics.csv and summary.json go (default: --pred)")
     p.add_argument("--run", help="MLflow run to log to (default: the run of the model that made the predictions)")
     p.add_argument("--layout", default="auto", help="force the reference layout")
-    p.add_argument("--pred-labels", choices=["brats2021", "brats2023", "msd"], help="label convention of the predictions (default: the reference's)")
+    p.add_argument("--task", default="auto", help="BraTS 2023+ task whose label convention the cases use (default auto: from each case id, BraTS-PED-* is paediatric); GLI, SSA, GoAT, MEN, MET, PED")
+    p.add_argument("--pred-labels", choices=["brats2021", "brats2023", "brats2023-ped", "msd"], help="label convention of the predictions (default: the reference's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
     p = add("export", "export the network to ONNX at a fixed tile size with a dynamic batch", config=False)
     p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")

@@ -51,8 +51,10 @@ def write_case(
     with_label: bool = True,
     ext: str = ".nii.gz",
     seed: int = 0,
+    labels: str | None = None,
 ) -> dict[str, object]:
-    """Write one small case in ``layout`` under ``root``; return its arrays and paths."""
+    """Write one small case in ``layout`` under ``root`` (labels in the convention ``labels``,
+    default the layout's); return its arrays and paths."""
     image, tissue = small_volume(shape, seed)
     lay = get_layout(layout)
     paths: dict[str, Path] = {}
@@ -62,7 +64,7 @@ def write_case(
         save_nifti(paths["image"], np.moveaxis(image[order], 0, -1), affine)
         if with_label:
             paths["seg"] = root / "labelsTr" / f"{case_id}{ext}"
-            save_nifti(paths["seg"], tissue_to_release(tissue, layout), affine, dtype=np.uint8)
+            save_nifti(paths["seg"], tissue_to_release(tissue, labels or layout), affine, dtype=np.uint8)
     else:
         folder = root / case_id
         for c, m in enumerate(MODALITIES):
@@ -70,7 +72,7 @@ def write_case(
             save_nifti(paths[m], image[c], affine)
         if with_label:
             paths["seg"] = folder / lay.filename(case_id, "seg", ext)
-            save_nifti(paths["seg"], tissue_to_release(tissue, layout), affine, dtype=np.uint8)
+            save_nifti(paths["seg"], tissue_to_release(tissue, labels or layout), affine, dtype=np.uint8)
     return {"image": image, "tissue": tissue, "paths": paths}
 
 

@@ -83,6 +83,8 @@ def fingerprint(case: Case, params: dict[str, Any]) -> str:
     modification time), the preprocessing parameters, the layout and :data:`CACHE_VERSION`."""
     sources = [*case.images, *([case.label] if case.label else [])]
     parts = [f"v{CACHE_VERSION}", json.dumps(params, sort_keys=True), case.layout]
+    if case.labels != case.layout:  # a task's own convention (entries of the layout's keep their fingerprint)
+        parts.append(case.labels)
     for path in sources:
         st = Path(path).stat()
         parts.append(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}")

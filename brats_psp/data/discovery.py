@@ -3,8 +3,10 @@
 A :class:`Case` names its four contrast files in the fixed :data:`MODALITIES` order (or
 one 4D file for the Medical Segmentation Decathlon) and its label file when there is one.
 Discovery never opens an image: it only looks at names, so it is cheap on big folders.
-A case that misses a contrast is reported as a :class:`~brats_psp.errors.CaseError`
-in :attr:`Discovery.failures`; the other cases go on.
+Each case carries its label convention (:attr:`Case.labels`): its release's, or for BraTS
+2023+ files its task's (``BraTS-PED-*`` is paediatric; :func:`brats_psp.labels.convention_for`).
+A case that misses a contrast, or whose task is unknown, is reported as a
+:class:`~brats_psp.errors.CaseError` in :attr:`Discovery.failures`; the other cases go on.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import json
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from brats_psp.data.layouts import LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, get_layout
 from brats_psp.errors import CaseError, DiscoveryError
+from brats_psp.labels import TASKS, convention_for
 
 __all__ = ["Case", "Discovery", "discover_cases", "detect_layout", "split_nifti_name", "resolve_inside", "label_files"]
 
@@ -33,21 +36,32 @@ class Case:
 
     Attributes:
         case_id: the release's case identifier (``BraTS2021_00000``, ``BraTS-GLI-00001-000``, ``BRATS_001``).
-        layout: the release layout (``brats2021``, ``brats2023``, ``msd``), also its label convention.
+        layout: the release layout (``brats2021``, ``brats2023``, ``msd``).
         images: four paths in ``MODALITIES`` order, or one 4D path (``msd``).
         label: the segmentation file, or ``None`` for inference-only cases.
+        convention: the label convention (a key of :data:`brats_psp.labels.RELEASES`): the
+            layout's, or for 2023+ files the task's (``brats2023-ped`` for ``BraTS-PED-*``);
+            empty means the layout's.
     """
 
     case_id: str
     layout: str
     images: tuple[Path, ...]
     label: Path | None = None
+    convention: str = ""
+
+    @property
+    def labels(self) -> str:
+        """The case's label convention (:data:`brats_psp.labels.RELEASES` key)."""
+        return self.convention or self.layout
 
     def to_json(self) -> dict[str, Any]:
         """MONAI-style datalist entry."""
         entry: dict[str, Any] = {"case_id": self.case_id, "layout": self.layout, "image": [str(p) for p in self.images]}
         if self.label is not None:
             entry["label"] = str(self.label)
+        if self.convention and self.convention != self.layout:
+            entry["labels"] = self.convention
         return entry
 
 
@@ -95,15 +109,19 @@ def _nifti_files(root: Path) -> list[Path]:
 
 def label_files(root: str | os.PathLike, layout: str = "auto") -> dict[str, tuple[Path, str]] | None:
     """A folder of reference label files alone (as the challenge's evaluation tools take them):
-    case id -> (label file, its release), or ``None`` when ``root`` holds anything else (contrast
+    case id -> (label file, its layout), or ``None`` when ``root`` holds anything else (contrast
     images, files of no BraTS naming) or nothing.
 
-    The names say the release: ``<id>_seg.nii.gz`` is BraTS 2017-2021, ``<id>-seg.nii.gz`` BraTS
-    2023+; ``layout`` forces one of them.
+    The names say the layout: ``<id>_seg.nii.gz`` is BraTS 2017-2021, ``<id>-seg.nii.gz`` BraTS
+    2023+ (its label convention then depends on the task: :func:`brats_psp.labels.convention_for`);
+    a folder named ``labelsTr`` holds the Decathlon's ``<id>.nii.gz``. ``layout`` forces one of them.
     """
     root = Path(root)
     if not root.is_dir():
         return None
+    if root.name == "labelsTr" and layout in ("auto", "msd"):  # the Decathlon's label folder
+        msd = {split_nifti_name(p.name)[0]: (p, "msd") for p in _nifti_files(root)}  # type: ignore[index]
+        return msd or None
     layouts = [LAYOUTS[layout]] if layout in ("brats2021", "brats2023") else [LAYOUTS["brats2021"], LAYOUTS["brats2023"]]
     found: dict[str, tuple[Path, str]] = {}
     for path in _nifti_files(root):
@@ -235,7 +253,7 @@ def _discover_datalist(path: Path, section: str | None) -> Discovery:
                     cid = entry.get("case_id") or cid
                     ordered = tuple(found[m] for m in MODALITIES)
                 layouts.add(layout)
-                cases.append(Case(cid, layout, ordered, label_path))
+                cases.append(Case(cid, layout, ordered, label_path, entry.get("labels", "")))
             except CaseError as err:
                 failures.append(err)
             except DiscoveryError as err:
@@ -243,8 +261,28 @@ def _discover_datalist(path: Path, section: str | None) -> Discovery:
     return Discovery(cases, layouts.pop() if len(layouts) == 1 else "mixed", failures)
 
 
-def discover_cases(path: str | os.PathLike, layout: str = "auto", datalist_section: str | None = None) -> Discovery:
-    """Find the cases under ``path``.
+def _assign_conventions(found: Discovery, task: str) -> None:
+    """Set each case's label convention; a case whose task is unknown becomes a failure."""
+    if task != "auto" and task.lower() not in {t.lower() for t in TASKS}:
+        raise DiscoveryError(f"unknown task {task!r} (data.task / --task); expected auto or one of {list(TASKS)}")
+    cases = []
+    for case in found.cases:
+        if case.convention:  # named by a datalist entry
+            cases.append(case)
+            continue
+        try:
+            convention = convention_for(case.case_id, case.layout, task)
+        except ValueError as err:  # UnknownTaskError, or a task forced on files of one convention
+            found.failures.append(CaseError(case.case_id, case.images[0].parent, str(err)))
+            continue
+        cases.append(replace(case, convention=convention))
+    found.cases = cases
+
+
+def discover_cases(
+    path: str | os.PathLike, layout: str = "auto", datalist_section: str | None = None, task: str = "auto"
+) -> Discovery:
+    """Find the cases under ``path``, each with its label convention.
 
     Args:
         path: a dataset folder (any supported layout, cases in sub-folders at any depth),
@@ -252,9 +290,13 @@ def discover_cases(path: str | os.PathLike, layout: str = "auto", datalist_secti
             (entries ``{"image": [4 files] | 4D file, "label": file}``, paths relative to the JSON).
         layout: ``auto`` to detect, or force ``brats2021`` / ``brats2023`` / ``msd``.
         datalist_section: for a datalist, read only this section (default: all of them).
+        task: ``auto`` (the BraTS 2023+ task from each case id) or a task to force
+            (``data.task``; :data:`brats_psp.labels.TASKS`). A 2023+ case whose id names no
+            known task is reported as a failure that says how to force it; the others go on.
 
     Raises:
-        DiscoveryError: the path does not exist, holds no case, or mixes layouts.
+        DiscoveryError: the path does not exist, holds no case, or mixes layouts; ``task``
+            is not a known task.
     """
     path = Path(path)
     if not path.exists():
@@ -267,6 +309,7 @@ def discover_cases(path: str | os.PathLike, layout: str = "auto", datalist_secti
     else:
         name = detect_layout(path) if layout == "auto" else get_layout(layout).name
         found = _discover_msd(path) if name == "msd" else _discover_per_contrast(path, LAYOUTS[name])
+    _assign_conventions(found, task)
     if not found.cases and not found.failures:
         raise DiscoveryError(f"{path}: no {found.layout} case found")
     ids = [c.case_id for c in found.cases]

@@ -119,7 +119,7 @@ def preprocess_dataset(
     """
     data_cfg = data_cfg or DataConfig()
     out_dir = ensure_writable_dir(out)  # before any case is read: an unwritable cache fails at once, by name
-    found = discover_cases(data, data_cfg.layout)
+    found = discover_cases(data, data_cfg.layout, task=data_cfg.task)
     params = preprocessing_params(data_cfg.spacing)
     result = PreprocessResult(out_dir, out_dir / DATALIST_FILE, out_dir / SUMMARY_FILE, failures=list(found.failures))
     metas: list[dict[str, Any]] = []

@@ -1,8 +1,10 @@
 """Writing cases in a BraTS release layout (the counterpart of :mod:`brats_psp.data.layouts`).
 
 :func:`write_case` writes one case's four contrasts and label in the files and label values
-of a release (``brats2021``, ``brats2023``, ``msd``); :func:`write_dataset` writes the
-built-in synthetic set (:mod:`brats_psp.data.synthetic`), in worker processes when asked.
+of a *format*: a release (``brats2021``, ``brats2023`` = the 2023+ GLI task, ``msd``) or
+``brats2023-ped`` (the 2023+ files of the paediatric task: ``BraTS-PED-*`` ids, labels 1 ET,
+2 NETC, 3 CC, 4 ED); :func:`write_dataset` writes the built-in synthetic set
+(:mod:`brats_psp.data.synthetic`), in worker processes when asked.
 """
 
 from __future__ import annotations
@@ -29,15 +31,24 @@ from brats_psp.labels import tissue_to_release
 if TYPE_CHECKING:
     from brats_psp.data.synthetic import SyntheticCase
 
-__all__ = ["case_paths", "write_case", "write_dataset"]
+__all__ = ["FORMATS", "case_paths", "write_case", "write_dataset"]
 
 logger = logging.getLogger(__name__)
+
+#: Formats that can be written: name -> file layout (the name is also the label convention).
+FORMATS: dict[str, str] = {"brats2021": "brats2021", "brats2023": "brats2023", "brats2023-ped": "brats2023", "msd": "msd"}
+
+
+def _layout(fmt: str):  # noqa: ANN202 (a Layout)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    return get_layout(FORMATS[fmt])
 
 
 def case_paths(case_id: str, out_dir: str | Path, fmt: str = "brats2021", with_label: bool = True) -> list[Path]:
     """Files that :func:`write_case` writes for ``case_id`` (images first, label last)."""
     out_dir = Path(out_dir)
-    layout = get_layout(fmt)
+    layout = _layout(fmt)
     if layout.is_4d:
         paths = [out_dir / "imagesTr" / f"{case_id}.nii.gz"]
         if with_label:
@@ -57,7 +68,7 @@ def write_case(case: "SyntheticCase", out_dir: Path, fmt: str = "brats2021", wit
     in the release's values (:func:`brats_psp.labels.tissue_to_release`). Every file
     is written atomically.
     """
-    layout = get_layout(fmt)
+    layout = _layout(fmt)
     paths = case_paths(case.case_id, out_dir, fmt, with_label)
     label = tissue_to_release(case.tissue, fmt) if with_label else None
     if layout.is_4d:
@@ -143,7 +154,7 @@ def write_dataset(
 
     if n_cases < 0:
         raise ValueError(f"n_cases must be >= 0, got {n_cases}")
-    get_layout(fmt)
+    _layout(fmt)
     out_dir = Path(out_dir)
     case_ids = [synthetic.case_id_for(i, fmt) for i in range(n_cases)]
     todo = [i for i, cid in enumerate(case_ids) if not all(p.is_file() for p in case_paths(cid, out_dir, fmt))]
@@ -167,7 +178,7 @@ def write_dataset(
             "wrote %d synthetic %s cases to %s in %.1f s (%.2f s/case, %d worker(s))",
             len(todo), fmt, out_dir, elapsed, elapsed / len(todo), workers,
         )
-    if get_layout(fmt).is_4d:
+    if _layout(fmt).is_4d:
         meta = _msd_dataset_json(case_ids)
         path = out_dir / "dataset.json"
         current = None

@@ -179,7 +179,7 @@ def load_case_arrays(case: Case, with_label: bool = True) -> tuple[np.ndarray, n
         if label.shape != image.shape[1:]:
             raise CaseError(case.case_id, case.label, f"label shape {label.shape} differs from image shape {image.shape[1:]}")
         try:
-            tissue = release_to_tissue(label, case.layout)
+            tissue = release_to_tissue(label, case.labels)
         except LabelValueError as err:
             raise CaseError(case.case_id, case.label, str(err)) from None
     assert ref is not None

@@ -84,7 +84,7 @@ def region_probabilities(masks_logits: Tensor, output: str) -> Tensor:
         return torch.sigmoid(masks_logits)
     probs = torch.softmax(masks_logits, dim=1)
     index = {tissue: i for i, tissue in enumerate(TISSUE_CLASSES)}
-    return torch.stack([sum(probs[:, index[t]] for t in REGIONS[r]) for r in REGION_NAMES], dim=1)
+    return torch.stack([sum(probs[:, index[t]] for t in REGIONS[r] if t in index) for r in REGION_NAMES], dim=1)
 
 
 def progressive_sizes(size: Sequence[int], steps: int = 3) -> list[tuple[int, int]]:

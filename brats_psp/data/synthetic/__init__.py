@@ -79,7 +79,7 @@ def case_id_for(index: int, fmt: str) -> str:
     """Case identifier of case ``index`` (0-based) in release layout ``fmt``.
 
     ``brats2021`` -> ``BraTS2021_00000``, ``brats2023`` -> ``BraTS-GLI-00000-000``,
-    ``msd`` -> ``BRATS_001`` (1-based, as in the Decathlon).
+    ``brats2023-ped`` -> ``BraTS-PED-00000-000``, ``msd`` -> ``BRATS_001`` (1-based, as in the Decathlon).
     """
     if index < 0:
         raise ValueError(f"case index must be >= 0, got {index}")
@@ -87,6 +87,8 @@ def case_id_for(index: int, fmt: str) -> str:
         return f"BraTS2021_{index:05d}"
     if fmt == "brats2023":
         return f"BraTS-GLI-{index:05d}-000"
+    if fmt == "brats2023-ped":
+        return f"BraTS-PED-{index:05d}-000"
     if fmt == "msd":
         return f"BRATS_{index + 1:03d}"
     raise ValueError(f"unknown layout {fmt!r}; expected one of {sorted(LAYOUTS)}")
