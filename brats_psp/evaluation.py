@@ -25,7 +25,18 @@ from brats_psp.data.discovery import Case, discover_cases, label_files
 from brats_psp.data.transforms import read_nifti
 from brats_psp.errors import CaseError
 from brats_psp.io import write_json, write_text
-from brats_psp.labels import REGION_NAMES, LabelValueError, NoRegionsError, convention_for, get_release, release_to_regions
+from brats_psp.labels import (
+    REGION_NAMES,
+    TASKS,
+    LabelValueError,
+    NoRegionsError,
+    UnknownTaskError,
+    convention_for,
+    get_release,
+    release_to_regions,
+    task_of,
+)
+from brats_psp.lesionwise import LESIONWISE_COLUMNS, lesionwise_rows, summarise_lesionwise
 from brats_psp.metrics import region_metrics
 
 __all__ = ["METRICS", "EvaluationResult", "evaluate_case", "evaluate_label", "evaluate", "summarise", "format_table", "log_to_mlflow", "predictions_run_id"]
@@ -43,6 +54,8 @@ class EvaluationResult:
     failures: list[CaseError] = field(default_factory=list)
     metrics_csv: Path | None = None
     summary_json: Path | None = None
+    lesion_rows: list[dict[str, Any]] = field(default_factory=list)  # with lesionwise=True
+    lesionwise_csv: Path | None = None
 
 
 def _read_label(case_id: str, path: Path, release: str) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -70,14 +83,37 @@ def evaluate_case(case: Case, pred_path: Path, pred_labels: str | None = None) -
 
 def evaluate_label(case_id: str, label: Path, release: str, pred_path: Path, pred_labels: str | None = None) -> list[dict[str, Any]]:
     """Rows (one per region) of metrics of ``pred_path`` against the reference ``label`` (in ``release``'s convention)."""
+    pred, ref, spacing = _read_pair(case_id, label, release, pred_path, pred_labels)
+    return _region_rows(case_id, pred, ref, spacing)
+
+
+def _read_pair(
+    case_id: str, label: Path, release: str, pred_path: Path, pred_labels: str | None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(prediction regions, reference regions, voxel spacing in mm) of a case, checked to share a grid."""
     ref, ref_img = _read_label(case_id, label, release)
     pred, pred_img = _read_label(case_id, pred_path, pred_labels or release)
     if pred.shape != ref.shape:
         raise CaseError(case_id, pred_path, f"prediction shape {pred.shape[1:]} differs from the reference {ref.shape[1:]}")
     if not np.allclose(pred_img.affine, ref_img.affine, atol=AFFINE_ATOL_MM):
         raise CaseError(case_id, pred_path, "prediction affine differs from the reference (not in the input's geometry)")
-    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+    return pred, ref, tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+
+
+def _region_rows(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> list[dict[str, Any]]:
     return [{"case": case_id, "region": r, **region_metrics(pred[i], ref[i], spacing)} for i, r in enumerate(REGION_NAMES)]
+
+
+def _lesion_task(case_id: str, convention: str, task: str) -> str:
+    """The task whose 2023 lesion-wise rules apply: the forced one, the id's (2023+ files), else GLI."""
+    if task != "auto":
+        return next(t for t in TASKS if t.lower() == task.lower())
+    if convention.startswith("brats2023"):
+        try:
+            return task_of(case_id)
+        except UnknownTaskError:
+            pass
+    return "GLI"
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,12 +142,21 @@ def format_table(summary: dict[str, Any]) -> str:
             d, h = s["dice"], s["hd95"]
             lines.append(f"{region:<8}{d['mean']:>9.4f} ± {d['std']:.3f}{h['mean']:>12.2f} ± {h['std']:.2f}")
     lines.append(f"({summary.get('cases', 0)} cases)")
+    lesion = summary.get("lesionwise")
+    if lesion:
+        lines += ["", "lesion-wise: panoptica (official package) | BraTS 2023 rules",
+                  f"{'region':<8}{'TP/FP/FN':>12}{'F1':>7}{'Dice':>7}{'HD95':>8}   |{'TP/FP/FN':>10}{'Dice':>7}{'HD95':>8}"]
+        for region, e in lesion.items():
+            lines.append(
+                f"{region:<8}{e['tp']:>5}/{e['fp']}/{e['fn']:<4}{e['f1']:>7.3f}{e['dice']:>7.3f}{e['hd95']:>8.2f}   |"
+                f"{e['tp_2023']:>4}/{e['fp_2023']}/{e['fn_2023']:<3}{e['dice_2023']:>7.3f}{e['hd95_2023']:>8.2f}"
+            )
     return "\n".join(lines)
 
 
-def _rows_csv(rows: list[dict[str, Any]]) -> str:
+def _rows_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["case", "region", *METRICS], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -137,7 +182,11 @@ def log_to_mlflow(run_id: str, result: EvaluationResult, tracking_uri: str | Non
     dice = [result.summary[r]["dice"]["mean"] for r in REGION_NAMES if "dice" in result.summary.get(r, {})]
     if dice:
         client.log_metric(run_id, "eval/dice_mean", float(np.mean(dice)))
-    for path in (result.metrics_csv, result.summary_json):
+    for region, stats in result.summary.get("lesionwise", {}).items():
+        for key, name in (("dice", "lesion_dice"), ("hd95", "lesion_hd95"), ("f1", "lesion_f1"), ("dice_2023", "lesion_dice_2023"), ("hd95_2023", "lesion_hd95_2023")):
+            if np.isfinite(stats[key]):
+                client.log_metric(run_id, f"eval/{name}_{region}", stats[key])
+    for path in (result.metrics_csv, result.summary_json, result.lesionwise_csv):
         if path is not None:
             client.log_artifact(run_id, str(path), "evaluation")
 
@@ -149,6 +198,7 @@ def evaluate(
     layout: str = "auto",
     pred_labels: str | None = None,
     task: str = "auto",
+    lesionwise: bool = False,
 ) -> EvaluationResult:
     """Score every reference case under ``ref`` that has a label against ``pred_dir/<case>.nii.gz``.
 
@@ -156,7 +206,9 @@ def evaluate(
     alone (``<id>_seg.nii.gz`` or ``<id>-seg.nii.gz``, as the challenge's tools take them, or an
     MSD ``labelsTr/``). Each reference is read in its case's label convention (for BraTS 2023+,
     its task's: ``BraTS-PED-*`` is paediatric; ``task`` forces one), and so is its prediction
-    unless ``pred_labels`` names another convention.
+    unless ``pred_labels`` names another convention. With ``lesionwise`` also the lesion-wise
+    metrics of both BraTS definitions (:mod:`brats_psp.lesionwise`): ``OUT/lesionwise.csv``
+    and a ``lesionwise`` section in ``summary.json``.
     """
     pred_dir = Path(pred_dir)
     out = Path(out_dir) if out_dir is not None else pred_dir
@@ -174,24 +226,30 @@ def evaluate(
         found = discover_cases(ref, layout, task=task)
         result = EvaluationResult(failures=list(found.failures))
         references = [(case.case_id, case.label, case.labels, case) for case in found.cases]
-    for case_id, path, convention, case in references:
+    for case_id, path, convention, _case in references:
         try:
             try:
                 get_release(convention, regions=True)  # MEN-RT: refused before looking for a prediction
             except NoRegionsError as err:
                 raise CaseError(case_id, path or ref, str(err)) from None
             pred_path = _find_prediction(pred_dir, case_id)
-            if case is not None:
-                result.rows.extend(evaluate_case(case, pred_path, pred_labels))
-            else:
-                result.rows.extend(evaluate_label(case_id, path, convention, pred_path, pred_labels))  # type: ignore[arg-type]
+            if path is None:
+                raise CaseError(case_id, _case.images[0] if _case else ref, "reference case has no label file")
+            pred, ref_regions, spacing = _read_pair(case_id, path, convention, pred_path, pred_labels)
+            result.rows.extend(_region_rows(case_id, pred, ref_regions, spacing))
+            if lesionwise:
+                result.lesion_rows.extend(lesionwise_rows(case_id, pred, ref_regions, spacing, _lesion_task(case_id, convention, task)))
         except CaseError as err:
             log.error("%s", err)
             result.failures.append(err)
     result.summary = summarise(result.rows)
     result.summary["failed"] = [str(f) for f in result.failures]
     result.metrics_csv, result.summary_json = out / "metrics.csv", out / "summary.json"
-    write_text(result.metrics_csv, _rows_csv(result.rows))
+    write_text(result.metrics_csv, _rows_csv(result.rows, ["case", "region", *METRICS]))
+    if lesionwise:
+        result.summary["lesionwise"] = summarise_lesionwise(result.lesion_rows)
+        result.lesionwise_csv = out / "lesionwise.csv"
+        write_text(result.lesionwise_csv, _rows_csv(result.lesion_rows, list(LESIONWISE_COLUMNS)))
     write_json(result.summary_json, result.summary)
     return result
 

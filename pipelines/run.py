@@ -116,7 +116,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from brats_psp.evaluation import evaluate as evaluate_stage
     from brats_psp.evaluation import format_table, log_to_mlflow, predictions_run_id
 
-    result = evaluate_stage(args.pred, args.ref, args.out, layout=args.layout, pred_labels=args.pred_labels, task=args.task)
+    result = evaluate_stage(args.pred, args.ref, args.out, layout=args.layout, pred_labels=args.pred_labels, task=args.task, lesionwise=args.lesionwise)
     print(format_table(result.summary))
     log.info("wrote %s and %s", result.metrics_csv, result.summary_json)
     run_id = args.run or predictions_run_id(args.pred)
@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="MLflow run to log to (default: the run of the model that made the predictions)")
     p.add_argument("--layout", default="auto", help="force the reference layout")
     p.add_argument("--task", default="auto", help="BraTS 2023+ task whose label convention the cases use (default auto: from each case id, BraTS-PED-* is paediatric); GLI, SSA, GoAT, MEN, MET, PED")
+    p.add_argument(
+        "--lesionwise", action="store_true",
+        help="also lesion-wise metrics in both BraTS definitions (the official package's panoptica matching, the 2023 challenge rules): OUT/lesionwise.csv",
+    )
     p.add_argument("--pred-labels", choices=["brats2021", "brats2023", "brats2023-ped", "msd"], help="label convention of the predictions (default: the reference's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's)")
     p = add("export", "export the network to ONNX at a fixed tile size with a dynamic batch", config=False)
