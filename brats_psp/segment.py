@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from brats_psp.checkpoint import LoadedModel, load_model
 from brats_psp.config import InferConfig
 from brats_psp.data.discovery import Case, discover_cases
-from brats_psp.data.transforms import apply_transforms, volume_transforms
+from brats_psp.data.transforms import apply_transforms, open_nifti, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
 from brats_psp.inference import predict_volume, probabilities_to_tissue
 from brats_psp.io import ensure_writable_dir, save_nifti, write_json
@@ -190,7 +190,7 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
     postprocessed and written as ``out_dir/<case_id>.nii.gz`` in the requested convention."""
     case, image = prepared.case, prepared.image
     chain = volume_transforms(spacing, with_label=False)  # its inverses undo the image's applied operations
-    ref = nib.load(str(case.images[0]))  # the input's grid: shape, affine and header of the output
+    ref = open_nifti(case.case_id, case.images[0])  # the input's grid: shape, affine and header of the output
     if cfg.save_probabilities:
         probs_in = _to_input_grid(probs, image, chain)
         tissue = probabilities_to_tissue(probs_in, cfg.threshold)

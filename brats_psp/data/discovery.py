@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from brats_psp.data.layouts import LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, get_layout
+from brats_psp.data.layouts import IMAGE_EXTENSIONS, LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, get_layout
 from brats_psp.errors import CaseError, DiscoveryError
 from brats_psp.labels import TASKS, convention_for
 
@@ -75,8 +75,9 @@ class Discovery:
 
 
 def split_nifti_name(name: str) -> tuple[str, str] | None:
-    """``"X_t1.nii.gz"`` -> ``("X_t1", ".nii.gz")``; ``None`` for a file that is not NIfTI."""
-    for ext in NIFTI_EXTENSIONS:
+    """``"X_t1.nii.gz"`` -> ``("X_t1", ".nii.gz")``; ``None`` for a file that is not an image
+    (NIfTI, or NRRD / MetaImage: :data:`~brats_psp.data.layouts.IMAGE_EXTENSIONS`)."""
+    for ext in IMAGE_EXTENSIONS:
         if name.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)], ext
     return None

@@ -22,6 +22,12 @@ MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 #: NIfTI extensions accepted, longest first so ``.nii.gz`` wins over ``.nii``.
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 
+#: Other image formats read as input (through SimpleITK): NRRD and MetaImage, single file or header.
+ITK_EXTENSIONS: tuple[str, ...] = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+#: Every image extension discovery recognises.
+IMAGE_EXTENSIONS: tuple[str, ...] = NIFTI_EXTENSIONS + ITK_EXTENSIONS
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -40,7 +40,7 @@ from monai.transforms import (
 )
 
 from brats_psp.data.discovery import Case
-from brats_psp.data.layouts import MODALITIES, get_layout
+from brats_psp.data.layouts import ITK_EXTENSIONS, MODALITIES, get_layout
 from brats_psp.errors import CaseError
 from brats_psp.labels import LabelValueError, release_to_tissue
 
@@ -69,13 +69,46 @@ AFFINE_ATOL = 1e-3
 
 
 def open_nifti(case_id: str, path: Path) -> nib.Nifti1Image:
-    """Open a NIfTI file (its header; the voxels are read later), or raise a CaseError naming it."""
+    """Open an image file, or raise a CaseError naming it.
+
+    NIfTI is opened lazily (its header; the voxels are read later). NRRD and MetaImage files
+    (:data:`~brats_psp.data.layouts.ITK_EXTENSIONS`) are read with SimpleITK into an in-memory
+    NIfTI image with the same voxels and the equivalent RAS affine, so every later step is the
+    same whatever the format.
+    """
     if not path.is_file():
         raise CaseError(case_id, path, "file not found")
+    itk = path.name.lower().endswith(ITK_EXTENSIONS)
     try:
-        return nib.load(str(path))
-    except Exception as err:  # nibabel, gzip and OS errors all mean "unreadable"
-        raise CaseError(case_id, path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+        return _itk_as_nifti(path) if itk else nib.load(str(path))
+    except Exception as err:  # nibabel, SimpleITK, gzip and OS errors all mean "unreadable"
+        kind = "NRRD/MetaImage" if itk else "NIfTI"
+        raise CaseError(case_id, path, f"not a readable {kind} file ({type(err).__name__}: {err})") from None
+
+
+#: LPS (ITK's world) <-> RAS (NIfTI's world).
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _itk_as_nifti(path: Path) -> nib.Nifti1Image:
+    """A NRRD / MetaImage file as a NIfTI image: voxels in (x, y, z[, t]) order, affine in RAS."""
+    import SimpleITK as sitk  # only for these formats: NIfTI never pays its import
+
+    img = sitk.ReadImage(str(path))
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image")
+    dim = img.GetDimension()
+    if dim not in (3, 4):
+        raise ValueError(f"{dim}D image; expected 3D (or 4D)")
+    data = sitk.GetArrayFromImage(img).transpose(tuple(range(dim))[::-1])  # (z, y, x) -> (x, y, z)
+    direction = np.array(img.GetDirection(), float).reshape(dim, dim)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ direction @ np.diag(img.GetSpacing()[:3])
+    affine[:3, 3] = _LPS @ np.array(img.GetOrigin()[:3], float)
+    nii = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    nii.set_qform(affine, code=1)
+    nii.set_sform(affine, code=1)
+    return nii
 
 
 def _spatial_shape(img: nib.Nifti1Image) -> tuple[int, ...]:
