@@ -11,15 +11,22 @@ BraTS/BraTS_evaluation, built on ``panoptica``), :func:`lesionwise_panoptica`:
 
 1. lesions are the connected components of the reference and of the prediction
    (:data:`PANOPTICA_CONNECTIVITY`);
-2. reference and predicted lesions are paired by a maximum bipartite matching on Dice (a
-   linear assignment that maximises the summed Dice of the pairs; a pair needs a Dice above
-   :data:`MATCH_THRESHOLD`);
+2. reference and predicted lesions are paired one to one by a maximum bipartite matching on
+   Dice (a linear assignment that maximises the summed Dice of the pairs; a pair needs a Dice
+   of at least :data:`MATCH_THRESHOLD`, so one shared voxel is enough);
 3. ``tp`` = matched pairs, ``fp`` = unmatched predicted lesions, ``fn`` = unmatched reference
    lesions, ``f1`` = ``tp / (tp + (fp + fn) / 2)`` (panoptica's ``rq``);
 4. ``dice``, ``hd95`` and ``nsd`` = the mean over the matched pairs of each pair's Dice, HD95
    and normalised surface Dice (panoptica's ``sq_dsc``, ``sq_hd95``, ``sq_nsd``: what
-   ``brats-parse-metrics seg`` reports); NaN when nothing is matched (and ``f1`` NaN when
-   both masks are empty), as the package returns them.
+   ``brats-parse-metrics seg`` reports). As the package returns them: with lesions but no
+   match, Dice 0, NSD 0, HD95 infinite and F1 0; with no lesion on either side, all NaN.
+
+A pair's HD95 is the 95th percentile (linear interpolation) of the pooled distances between
+the two surfaces (surface voxels: a face neighbour outside the mask), its NSD the mean of the
+two surfaces' shares within the tolerance (the smallest voxel side), as panoptica computes
+them. Difference: the package applies the header's (x, y, z) spacing to its (z, y, x) array,
+so on anisotropic voxels its HD95 and NSD are those of the axes swapped; here the spacing goes
+to its own axes (counts and Dice are unaffected).
 
 **2023** -- the BraTS 2023 challenge script (repository rachitsaluja/BraTS-2023-Metrics,
 ``metrics.py``), :func:`lesionwise_2023`:
@@ -30,16 +37,18 @@ BraTS/BraTS_evaluation, built on ``panoptica``), :func:`lesionwise_panoptica`:
 2. every predicted lesion that overlaps a (dilated) reference lesion belongs to it; the
    reference lesion's Dice and HD95 are those of the union of its predicted lesions (a missed
    one scores Dice 0 and HD95 :data:`PENALTY_2023_MM`);
-3. reference lesions of at most the task's size threshold (voxels) are dropped; every
-   predicted lesion that touches no reference lesion is a false positive, whatever its size;
+3. reference lesions of at most the task's size threshold (mm³) are dropped; every predicted
+   lesion that touches no reference lesion's reach is a false positive, whatever its size;
 4. ``dice_2023`` = sum of the kept lesions' Dice / (kept lesions + false positives),
    ``hd95_2023`` = (sum of their HD95 + 374 per false positive) / the same count; 1 and 0
    when there is neither a lesion nor a false positive.
 
-HD95 of a lesion pair is :func:`brats_psp.metrics.hd95` (surface voxels, mm from the
-header's spacing); the reference implementations use their own surface definitions, so
-lesion-wise HD95 can differ from theirs by a fraction of a millimetre, while the counts and
-Dice are the same (``tests/test_lesionwise.py`` checks both against them where installed).
+The 2023 script measures a lesion's HD95 on DeepMind's surface elements (voxel corners,
+weighted by area, the larger of the two directed 95th percentiles); here it is the pooled
+surface-voxel HD95 of :func:`brats_psp.metrics.hd95`, so a found lesion's HD95 can differ from
+the script's by about a voxel, while the counts, the Dice and the 374 mm penalties are the same
+(``tests/test_lesionwise.py`` checks both definitions against their reference implementations
+where those are installed).
 """
 
 from __future__ import annotations
@@ -58,7 +67,6 @@ __all__ = [
     "LESIONWISE_COLUMNS",
     "PANOPTICA_CONNECTIVITY",
     "MATCH_THRESHOLD",
-    "NSD_TOLERANCE_MM",
     "RULES_2023",
     "PENALTY_2023_MM",
     "lesions",
@@ -77,14 +85,11 @@ LESIONWISE_COLUMNS: tuple[str, ...] = (
 #: Neighbourhood of panoptica's connected components: 26 (faces, edges and corners).
 PANOPTICA_CONNECTIVITY = 26
 
-#: A reference and a predicted lesion can be matched only with a Dice above this.
+#: A reference and a predicted lesion can be matched only with a Dice of at least this.
 MATCH_THRESHOLD = 1e-6
 
-#: Tolerance of the normalised surface Dice, in mm.
-NSD_TOLERANCE_MM = 1.0
-
 #: BraTS 2023 rules per task: (dilation iterations merging reference lesions, size threshold in
-#: voxels: reference lesions at or below it are dropped).
+#: mm³: reference lesions at or below it are dropped). GoAT was no 2023 challenge: the GLI rules.
 RULES_2023: dict[str, tuple[int, int]] = {
     "GLI": (3, 50),
     "SSA": (3, 50),
@@ -122,18 +127,17 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
 
 
-def nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance: float = NSD_TOLERANCE_MM) -> float:
-    """Normalised surface Dice: the share of both surfaces within ``tolerance`` mm of the other."""
+def nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
+    """Normalised surface Dice as panoptica computes it: the mean of the share of each surface's
+    voxels within the tolerance (the smallest voxel side) of the other surface."""
     box = _box(pred, ref)
     sp, sr = _surface(pred[box]), _surface(ref[box])
-    n = int(sp.sum()) + int(sr.sum())
-    if n == 0:
-        return 1.0
     if not sp.any() or not sr.any():
         return 0.0
+    tolerance = float(min(spacing))
     to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return float((np.count_nonzero(to_ref[sp] <= tolerance) + np.count_nonzero(to_pred[sr] <= tolerance)) / n)
+    return float((np.mean(to_ref[sp] <= tolerance) + np.mean(to_pred[sr] <= tolerance)) / 2.0)
 
 
 def _pair_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[float, float, float]:
@@ -147,8 +151,8 @@ def lesionwise_panoptica(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[fl
     """One region's lesion-wise metrics in the official package's definition (module docs).
 
     Returns:
-        ``tp``, ``fp``, ``fn`` (ints), ``f1``, ``dice``, ``hd95``, ``nsd`` (NaN where the
-        package gives NaN: no matched pair; ``f1`` when neither mask has a lesion).
+        ``tp``, ``fp``, ``fn`` (ints), ``f1``, ``dice``, ``hd95``, ``nsd``: with lesions but
+        no match, F1 0, Dice 0, NSD 0 and HD95 infinite; without any lesion, all NaN.
     """
     ref_cc, n_ref = lesions(ref)
     pred_cc, n_pred = lesions(pred)
@@ -162,13 +166,17 @@ def lesionwise_panoptica(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[fl
         size_pred = np.bincount(pred_cc.ravel(), minlength=n_pred + 1)
         scores = 2.0 * inter[1:, 1:] / (size_ref[1:, None] + size_pred[None, 1:])
         rows, cols = linear_sum_assignment(scores, maximize=True)
-        pairs = [(int(r) + 1, int(c) + 1) for r, c in zip(rows, cols) if scores[r, c] > MATCH_THRESHOLD]
+        pairs = [(int(r) + 1, int(c) + 1) for r, c in zip(rows, cols) if scores[r, c] >= MATCH_THRESHOLD]
     tp = len(pairs)
     fp, fn = n_pred - tp, n_ref - tp
-    f1 = tp / (tp + 0.5 * (fp + fn)) if (tp + fp + fn) else float("nan")
-    per_pair = [_pair_scores(pred_cc == c, ref_cc == r, spacing) for r, c in pairs]
-    mean = (lambda k: float(np.mean([s[k] for s in per_pair]))) if per_pair else (lambda k: float("nan"))
-    return {"tp": tp, "fp": fp, "fn": fn, "f1": f1, "dice": mean(0), "hd95": mean(1), "nsd": mean(2)}
+    if tp == 0:
+        nan = float("nan")
+        if fp + fn == 0:
+            return {"tp": 0, "fp": 0, "fn": 0, "f1": nan, "dice": nan, "hd95": nan, "nsd": nan}
+        return {"tp": 0, "fp": fp, "fn": fn, "f1": 0.0, "dice": 0.0, "hd95": float("inf"), "nsd": 0.0}
+    per_pair = np.array([_pair_scores(pred_cc == c, ref_cc == r, spacing) for r, c in pairs])
+    dsc, hd, ns = per_pair.mean(axis=0)
+    return {"tp": tp, "fp": fp, "fn": fn, "f1": tp / (tp + 0.5 * (fp + fn)), "dice": float(dsc), "hd95": float(hd), "nsd": float(ns)}
 
 
 def lesionwise_2023(
@@ -180,7 +188,8 @@ def lesionwise_2023(
         ``tp_2023``, ``fp_2023``, ``fn_2023`` (ints; TP and FN count only reference lesions
         above the task's size threshold), ``dice_2023``, ``hd95_2023``.
     """
-    dilation, min_voxels = RULES_2023.get(task, RULES_2023["GLI"])
+    dilation, min_volume = RULES_2023.get(task, RULES_2023["GLI"])
+    voxel_mm3 = float(np.prod(spacing))
     ref, pred = np.asarray(ref, bool), np.asarray(pred, bool)
     pred_cc, _ = lesions(pred)
     grown, _ = lesions(ndimage.binary_dilation(ref, structure=_DILATION, iterations=dilation) if ref.any() else ref)
@@ -196,7 +205,7 @@ def lesionwise_2023(
         hits = np.unique(pred_cc[reach & (pred_cc > 0)])
         matched.update(int(h) for h in hits)
         found = np.isin(pred_cc, hits) if len(hits) else np.zeros_like(lesion)
-        if int(lesion.sum()) <= min_voxels:
+        if int(lesion.sum()) * voxel_mm3 <= min_volume:
             continue
         if len(hits):
             tp += 1
@@ -238,8 +247,9 @@ def lesionwise_rows(
 
 
 def summarise_lesionwise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per region: mean of each metric over the cases (NaN-aware: a case without a matched
-    pair has no panoptica Dice, as in the official package), and summed counts."""
+    """Per region: the mean of each metric over the cases (cases with NaN left out: no lesion on
+    either side; an infinite panoptica HD95, a case with lesions but no match, makes the mean
+    infinite, as ``brats-parse-metrics`` reports it), and the summed counts."""
     out: dict[str, Any] = {}
     for region in REGION_NAMES:
         sel = [r for r in rows if r["region"] == region]
@@ -250,6 +260,6 @@ def summarise_lesionwise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry[key] = int(sum(r[key] for r in sel))
         for key in ("f1", "dice", "hd95", "nsd", "dice_2023", "hd95_2023"):
             values = np.array([r[key] for r in sel], float)
-            entry[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+            entry[key] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
         out[region] = entry
     return out

@@ -46,10 +46,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAIRED_COLUMNS = ("run_a", "run_b", "region", "metric", "n", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value")
-#: The per-case metrics compared (of metrics.csv; lesion-wise ones are to join once ``evaluate`` logs them).
-METRICS = ("dice", "hd95")
+#: The per-case metrics compared: whole-volume (metrics.csv), then lesion-wise where both runs
+#: were evaluated with ``evaluate --lesionwise`` (lesionwise.csv: the BraTS 2023 rules, and the
+#: official package's panoptica F1 and Dice; a case without a matched lesion has no panoptica Dice).
+METRICS = ("dice", "hd95", "lesion_dice_2023", "lesion_hd95_2023", "lesion_f1", "lesion_dice")
 #: Where ``evaluate --run`` logs the per-case metrics in the run's artifacts.
 METRICS_ARTIFACT = "evaluation/metrics.csv"
+LESIONWISE_ARTIFACT = "evaluation/lesionwise.csv"
+#: lesionwise.csv column -> compared metric.
+_LESION_METRICS = {"dice_2023": "lesion_dice_2023", "hd95_2023": "lesion_hd95_2023", "f1": "lesion_f1", "dice": "lesion_dice"}
 
 CaseMetrics = dict[tuple[str, str], dict[str, float]]  # (case, region) -> metric -> value
 
@@ -120,7 +125,7 @@ def paired_rows(
     for region in REGION_NAMES:
         keys = [k for k in shared if k[1] == region]
         for metric in METRICS:
-            usable = [k for k in keys if metric in a[k] and metric in b[k]]
+            usable = [k for k in keys if np.isfinite(a[k].get(metric, np.nan)) and np.isfinite(b[k].get(metric, np.nan))]
             if not usable:
                 continue
             stats = paired_statistics([a[k][metric] for k in usable], [b[k][metric] for k in usable], resamples, seed)
@@ -138,7 +143,14 @@ def _run_metrics(client: Any, run_id: str) -> CaseMetrics:
             f"`python pipelines/run.py infer --model {run_id} --input <test cases> --output <predictions>` and "
             f"`python pipelines/run.py evaluate --pred <predictions> --ref <test cases> --run {run_id}`"
         ) from None
-    return read_case_metrics(local)
+    table = read_case_metrics(local)
+    try:
+        lesion = read_case_metrics(client.download_artifacts(run_id, LESIONWISE_ARTIFACT))
+    except Exception:  # evaluated without --lesionwise
+        return table
+    for key, values in lesion.items():
+        table.setdefault(key, {}).update({name: values[col] for col, name in _LESION_METRICS.items() if col in values})
+    return table
 
 
 def compare_paired(

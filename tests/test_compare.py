@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from brats_psp.compare import compare_runs, format_comparison
-from brats_psp.paired import PAIRED_COLUMNS, paired_rows, read_case_metrics
+from brats_psp.paired import _LESION_METRICS, PAIRED_COLUMNS, paired_rows, read_case_metrics
 from brats_psp.training import TrainResult, train
 from tests.conftest import run_cli
 from tests.test_training import smoke_config, tiny_data  # noqa: F401  (fixture)
@@ -116,7 +116,7 @@ def test_paired_comparison_of_two_evaluated_runs_end_to_end(
     for run, ref in zip((runs.a, runs.b), (tiny_data, fewer)):
         pred = tmp_path / f"pred-{run.run_id[:8]}"
         assert run_cli("infer", "--model", str(run.best_checkpoint), "--input", str(tiny_data), "--output", str(pred)) == 0
-        assert run_cli("evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(pred / "eval"), "--run", run.run_id, "--tracking-uri", uri) == 0
+        assert run_cli("evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(pred / "eval"), "--run", run.run_id, "--tracking-uri", uri, "--lesionwise") == 0
     a, b = runs.a.run_id, runs.b.run_id
     out = tmp_path / "paired"
     with caplog.at_level(logging.WARNING):
@@ -125,12 +125,25 @@ def test_paired_comparison_of_two_evaluated_runs_end_to_end(
     assert "different evaluation case sets" in caplog.text and "different training case sets" not in caplog.text
     with open(out / "paired.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(PAIRED_COLUMNS) and len(rows) == 6 and {r["n"] for r in rows} == {"3"}
-    ma = read_case_metrics(tmp_path / f"pred-{a[:8]}" / "eval" / "metrics.csv")
-    mb = read_case_metrics(tmp_path / f"pred-{b[:8]}" / "eval" / "metrics.csv")
+    assert list(rows[0]) == list(PAIRED_COLUMNS)
+    whole = [r for r in rows if r["metric"] in ("dice", "hd95")]
+    assert len(whole) == 6 and {r["n"] for r in whole} == {"3"}
+    # the lesion-wise metrics of evaluate --lesionwise join them (2023 rules on every case)
+    assert {r["metric"] for r in rows} >= {"lesion_dice_2023", "lesion_hd95_2023", "lesion_f1"}
+    assert {r["n"] for r in rows if r["metric"] == "lesion_dice_2023"} == {"3"}
+
+    def merged(run_id: str) -> dict:
+        folder = tmp_path / f"pred-{run_id[:8]}" / "eval"
+        table = read_case_metrics(folder / "metrics.csv")
+        for key, values in read_case_metrics(folder / "lesionwise.csv").items():
+            table[key].update({name: values[col] for col, name in _LESION_METRICS.items()})
+        return table
+
+    ma, mb = merged(a), merged(b)
     for row in rows:
         keys = sorted(set(ma) & set(mb))
-        keys = [k for k in keys if k[1] == row["region"]]
+        keys = [k for k in keys if k[1] == row["region"] and np.isfinite(ma[k][row["metric"]]) and np.isfinite(mb[k][row["metric"]])]
+        assert len(keys) == int(row["n"])
         x, y = [ma[k][row["metric"]] for k in keys], [mb[k][row["metric"]] for k in keys]
         expected = 1.0 if x == y else wilcoxon(y, x).pvalue
         assert float(row["p_value"]) == pytest.approx(expected, abs=1e-6)

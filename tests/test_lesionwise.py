@@ -71,7 +71,8 @@ def test_small_lesions_below_the_2023_threshold_are_dropped_but_false_positives_
     met = lesionwise_2023(pred, ref, task="MET")  # the MET threshold is 2 voxels: the lesion counts, missed
     assert (met["tp_2023"], met["fp_2023"], met["fn_2023"]) == (0, 1, 1)
     pan = lesionwise_panoptica(pred, ref)
-    assert (pan["tp"], pan["fp"], pan["fn"], pan["f1"]) == (0, 1, 1, 0.0) and math.isnan(pan["dice"])
+    # lesions on both sides but no match: the package's F1 0, Dice 0, NSD 0 and an infinite HD95
+    assert (pan["tp"], pan["fp"], pan["fn"], pan["f1"], pan["dice"], pan["nsd"], pan["hd95"]) == (0, 1, 1, 0.0, 0.0, 0.0, math.inf)
 
 
 def test_empty_masks() -> None:
