@@ -112,3 +112,30 @@ def test_real_brats2023_case() -> None:
     (case,) = found.cases
     assert found.layout == "brats2023" and case.case_id == "BraTS-GLI-00001-000" and case.label is None
     assert [p.name.split("-")[-1] for p in case.images] == ["t1n.nii.gz", "t1c.nii.gz", "t2w.nii.gz", "t2f.nii.gz"]
+
+
+def test_skipped_folders_are_reported_with_the_reason_and_linked_files_are_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    store = tmp_path / "store"
+    write_case(store, "brats2021", "BraTS2021_00000")
+    data = tmp_path / "data"
+    write_case(data, "brats2021", "BraTS2021_00001")
+    linked = data / "BraTS2021_00000"
+    linked.mkdir()
+    for f in (store / "BraTS2021_00000").iterdir():  # a case assembled from links to files
+        (linked / f.name).symlink_to(f)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    write_case(data / ".trash", "brats2021", "BraTS2021_00002")
+    odd = data / "scans"
+    odd.mkdir()
+    (store / "BraTS2021_00000" / "BraTS2021_00000_t1.nii.gz").rename(odd / "patient_T1w.nii.gz")
+    with caplog.at_level(logging.INFO, logger="brats_psp.data.discovery"):
+        found = discover_cases(data)
+    assert [c.case_id for c in found.cases] == ["BraTS2021_00001"] and [f.case_id for f in found.failures] == ["BraTS2021_00000"]
+    assert "missing contrast file(s): BraTS2021_00000_t1.nii.gz" in str(found.failures[0])  # its t1 link is broken now
+    assert f"skipped file {linked / 'BraTS2021_00000_t1.nii.gz'}: a broken link" in caplog.text
+    assert caplog.text.count("hidden") == 1  # each skip said once
+    assert f"skipped folder {data / 'loop'}: a link to {data.resolve()}, already searched" in caplog.text
+    assert f"skipped folder {data / '.trash'}: hidden" in caplog.text
+    assert f"skipped folder {odd}: its image files (patient_T1w.nii.gz) are not named as brats2021 contrasts" in caplog.text

@@ -92,19 +92,31 @@ def _match_file(stem: str, layout: Layout) -> tuple[str, str] | None:
     return None
 
 
-def _nifti_files(root: Path) -> list[Path]:
-    """NIfTI files under ``root``, following symbolically linked folders (a common way to
-    assemble a dataset) once each: a link that leads back into a visited folder is not entered."""
+def _nifti_files(root: Path, report: bool = False) -> list[Path]:
+    """Image files under ``root``, following symbolically linked folders and files (a common way
+    to assemble a dataset) once each: a link that leads back into a visited folder is not entered.
+    With ``report``, every folder or file left out is logged with the reason."""
+    say = log.info if report else log.debug
     found = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in visited:
+            say("skipped folder %s: a link to %s, already searched", dirpath, real)
             dirnames[:] = []
             continue
         visited.add(real)
+        for hidden in sorted(d for d in dirnames if d.startswith(".")):
+            say("skipped folder %s: hidden", Path(dirpath) / hidden)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and split_nifti_name(f))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not split_nifti_name(name):
+                continue
+            if not path.exists():
+                (log.warning if report else log.debug)("skipped file %s: a broken link (to %s)", path, os.readlink(path))
+                continue
+            found.append(path)
     return found
 
 
@@ -162,11 +174,17 @@ def detect_layout(root: str | os.PathLike) -> str:
 
 def _discover_per_contrast(root: Path, layout: Layout) -> Discovery:
     groups: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
-    for path in _nifti_files(root):
+    unmatched: dict[Path, list[str]] = defaultdict(list)
+    for path in _nifti_files(root, report=True):
         match = _match_file(split_nifti_name(path.name)[0], layout)  # type: ignore[index]
         if match:
             case_id, modality = match
             groups[(path.parent, case_id)][modality] = path
+        else:
+            unmatched[path.parent].append(path.name)
+    for folder, names in sorted(unmatched.items()):
+        if not any(f == folder for f, _ in groups):  # a folder with images but no case in them
+            log.warning("skipped folder %s: its image files (%s) are not named as %s contrasts", folder, ", ".join(names[:4]), layout.name)
     cases, failures = [], []
     for (folder, case_id), files in sorted(groups.items(), key=lambda kv: kv[0][1]):
         missing = [m for m in MODALITIES if m not in files]
