@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_psp.evaluation import evaluate
 from brats_psp.io import save_nifti
 from brats_psp.labels import Tissue, tissue_to_release
 from brats_psp.lesionwise import LESIONWISE_COLUMNS, PENALTY_2023_MM, lesionwise_2023, lesionwise_panoptica
