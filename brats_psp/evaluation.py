@@ -36,7 +36,11 @@ from brats_psp.labels import (
     release_to_regions,
     task_of,
 )
-from brats_psp.lesionwise import LESIONWISE_COLUMNS, lesionwise_rows, summarise_lesionwise
+from brats_psp.lesionwise import (
+    LESIONWISE_COLUMNS,
+    lesionwise_rows,
+    summarise_lesionwise,
+)
 from brats_psp.metrics import region_metrics
 
 __all__ = ["METRICS", "EvaluationResult", "evaluate_case", "evaluate_label", "evaluate", "summarise", "format_table", "log_to_mlflow", "predictions_run_id"]

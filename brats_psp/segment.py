@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, SpatialResample, Spacingd
+from monai.transforms import InvertibleTransform, Spacingd, SpatialResample
 from monai.utils import TraceKeys
 from scipy import ndimage
 from tqdm.auto import tqdm

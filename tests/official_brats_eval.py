@@ -24,7 +24,7 @@ from importlib.resources import files
 LESIONWISE_KEYS = ("tp", "fp", "fn", "rq", "sq_dsc", "sq_hd95", "sq_nsd")
 
 
-def _evaluator(config: str):  # noqa: ANN202
+def _evaluator(config: str):
     with contextlib.redirect_stdout(io.StringIO()):  # panoptica prints a banner
         from panoptica import Panoptica_Evaluator
 

@@ -14,7 +14,12 @@ import pytest
 
 from brats_psp.io import save_nifti
 from brats_psp.labels import Tissue, tissue_to_release
-from brats_psp.lesionwise import LESIONWISE_COLUMNS, PENALTY_2023_MM, lesionwise_2023, lesionwise_panoptica
+from brats_psp.lesionwise import (
+    LESIONWISE_COLUMNS,
+    PENALTY_2023_MM,
+    lesionwise_2023,
+    lesionwise_panoptica,
+)
 from tests.conftest import BRATS_AFFINE, run_cli
 
 SHAPE = (48, 48, 40)

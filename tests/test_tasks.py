@@ -94,7 +94,7 @@ def test_paediatric_cases_are_predicted_and_scored_as_well_as_gli(checkpoint: Pa
     np.testing.assert_array_equal(release_to_regions(ped_pred, "brats2023-ped"), regions)
     np.testing.assert_array_equal(ped_pred, tissue_to_release(regions_tissue := _tissue(gli_pred), "brats2023-ped"))
     assert regions_tissue.max() <= Tissue.ET
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "case"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "case"} for r in rows]
     assert strip(scores["ped"].rows) == strip(scores["gli"].rows)
     # read with the GLI convention (what happened before tasks were known) the scores differ
     wrong = evaluate(tmp_path / "pred_ped", tmp_path / "ped", tmp_path / "eval_wrong", task="GLI")

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from brats_psp.data.layouts import IMAGE_EXTENSIONS, LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, get_layout
+from brats_psp.data.layouts import (
+    IMAGE_EXTENSIONS,
+    LAYOUTS,
+    MODALITIES,
+    NIFTI_EXTENSIONS,
+    Layout,
+    get_layout,
+)
 from brats_psp.errors import CaseError, DiscoveryError
 from brats_psp.labels import TASKS, convention_for
 

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 FORMATS: dict[str, str] = {"brats2021": "brats2021", "brats2023": "brats2023", "brats2023-ped": "brats2023", "msd": "msd"}
 
 
-def _layout(fmt: str):  # noqa: ANN202 (a Layout)
+def _layout(fmt: str):
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
     return get_layout(FORMATS[fmt])
@@ -58,7 +58,7 @@ def case_paths(case_id: str, out_dir: str | Path, fmt: str = "brats2021", with_l
     return [out_dir / case_id / layout.filename(case_id, m) for m in names]
 
 
-def write_case(case: "SyntheticCase", out_dir: Path, fmt: str = "brats2021", with_label: bool = True) -> list[Path]:
+def write_case(case: SyntheticCase, out_dir: Path, fmt: str = "brats2021", with_label: bool = True) -> list[Path]:
     """Write ``case`` in release layout ``fmt`` under ``out_dir``; return the paths written.
 
     ``brats2021``/``brats2023``: ``out_dir/<case_id>/<Layout.filename(case_id, m)>`` for
