@@ -187,3 +187,40 @@ def test_the_package_sample_cases_agree_with_the_official_package(tmp_path: Path
 
 def test_the_package_sample_cases_agree_with_the_2023_challenge_script(tmp_path: Path) -> None:
     _check_2023(_samples(), tmp_path, "MET")
+
+
+def test_label_conventions_match_the_official_package_configs() -> None:
+    """The regions of every task convention (``brats_psp.labels``) are the label groups of the
+    package's per-task config files."""
+    import yaml
+
+    from brats_psp.labels import RELEASES, TASKS
+
+    python = _panoptica_python()
+    if python is None:
+        pytest.skip("brats-evaluation is not installed (set BRATS_EVAL_PYTHON to a Python that has it)")
+    probe = "from importlib.resources import files; print(files('brats_evaluation').joinpath('configs'))"
+    configs = Path(subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip())
+
+    class AnyTag(yaml.SafeLoader):
+        pass
+
+    def untagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> object:
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+    AnyTag.add_multi_constructor("!", untagged)
+    checked = 0
+    for task, config in PANOPTICA_CONFIG.items():
+        path = configs / f"config_{config}.yaml"
+        groups = yaml.load(path.read_text(), Loader=AnyTag)["segmentation_class_groups"]["groups"]  # noqa: S506 (tags only)
+        release = RELEASES[TASKS[task]]
+        for region in ("WT", "TC", "ET"):
+            assert tuple(sorted(groups[region.lower()]["value_labels"])) == release.region_values(region), (task, region, path.name)
+        checked += 1
+    rt = yaml.load((configs / "config_MenRT.yaml").read_text(), Loader=AnyTag)["segmentation_class_groups"]["groups"]  # noqa: S506
+    assert list(rt) == ["gtv"] and rt["gtv"]["value_labels"] == [1] and not RELEASES[TASKS["MEN-RT"]].has_regions
+    assert checked == len(PANOPTICA_CONFIG)
