@@ -170,6 +170,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0: all cores
     num_workers: int = -1  # data-loader processes; -1: auto (see brats_psp.training.loader_workers)
     output_dir: str = "outputs"
+    calibrate_threshold: bool = True  # after training: per-region thresholds that maximise validation Dice -> infer.region_thresholds
 
     def validate(self) -> None:
         for key in ("epochs", "slices_per_epoch", "batch_size", "val_every"):
@@ -192,17 +193,25 @@ class InferConfig:
     tta: bool = True  # flip test-time augmentation
     planes: list[str] = field(default_factory=lambda: ["axial"])
     threshold: float = 0.5
+    region_thresholds: list[float] | None = None  # WT, TC, ET; set by train.calibrate_threshold; null: threshold for all
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
     labels: Literal["input", "brats2021", "brats2023", "brats2023-ped", "msd"] = "input"
     save_probabilities: bool = False
 
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The probability above which a voxel is in each region (WT, TC, ET)."""
+        return tuple(self.region_thresholds) if self.region_thresholds else (self.threshold,) * 3
+
     def validate(self) -> None:
         _check(self.batch_size >= 1, "infer.batch_size", self.batch_size, ">= 1")
         _check(len(self.roi_size) == 2 and all(s >= 16 for s in self.roi_size), "infer.roi_size", self.roi_size, "2 integers >= 16")
         _check(0.0 <= self.overlap < 1.0, "infer.overlap", self.overlap, "in [0, 1)")
         _check(0.0 < self.threshold < 1.0, "infer.threshold", self.threshold, "in (0, 1)")
+        rt = self.region_thresholds
+        _check(rt is None or (len(rt) == 3 and all(0.0 < t < 1.0 for t in rt)), "infer.region_thresholds", rt, "null or 3 values in (0, 1): WT, TC, ET")
         _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "infer.planes", self.planes, "a subset of axial, coronal, sagittal")
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")

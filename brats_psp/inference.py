@@ -28,7 +28,7 @@ from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
 
-__all__ = ["PLANE_AXES", "RegionProbabilities", "add_context", "is_out_of_memory", "predict_volume", "probabilities_to_tissue"]
+__all__ = ["PLANE_AXES", "RegionProbabilities", "above_threshold", "add_context", "is_out_of_memory", "predict_volume", "probabilities_to_tissue"]
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,19 @@ def _slice_inferer(cfg: InferConfig, axis: int, batch_size: int) -> SliceInferer
     )
 
 
-def probabilities_to_tissue(probs: torch.Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def above_threshold(probs: torch.Tensor | np.ndarray, threshold: float | Sequence[float] = 0.5) -> torch.Tensor | np.ndarray:
+    """3 × ... region probabilities -> boolean masks: above ``threshold``, one value for every
+    region or one per region (WT, TC, ET, as ``infer.region_thresholds``)."""
+    if probs.shape[0] != len(REGION_NAMES):
+        raise ValueError(f"expected {len(REGION_NAMES)} region channels, got shape {tuple(probs.shape)}")
+    if np.ndim(threshold) == 0:
+        return probs > float(threshold)  # type: ignore[arg-type]
+    shape = (len(REGION_NAMES),) + (1,) * (probs.ndim - 1)
+    values = np.asarray(threshold, dtype=np.float32).reshape(shape)
+    return probs > (torch.from_numpy(values).to(probs.device) if isinstance(probs, torch.Tensor) else values)
+
+
+def probabilities_to_tissue(probs: torch.Tensor | np.ndarray, threshold: float | Sequence[float] = 0.5) -> np.ndarray:
     """3 × ... region probabilities -> uint8 tissue map (ET > TC > WT nesting, see :mod:`brats_psp.labels`)."""
     probs = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    if probs.shape[0] != len(REGION_NAMES):
-        raise ValueError(f"expected {len(REGION_NAMES)} region channels, got shape {probs.shape}")
-    return regions_to_tissue(probs > threshold).astype(np.uint8)
+    return regions_to_tissue(above_threshold(probs, threshold)).astype(np.uint8)

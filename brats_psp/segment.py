@@ -47,7 +47,7 @@ from brats_psp.config import InferConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, open_nifti, volume_transforms
 from brats_psp.errors import CaseError, check_case_id
-from brats_psp.inference import predict_volume, probabilities_to_tissue
+from brats_psp.inference import above_threshold, predict_volume, probabilities_to_tissue
 from brats_psp.io import ensure_writable_dir, save_nifti, write_json
 from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
@@ -100,7 +100,7 @@ def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.nda
     return np.asarray(back.detach().cpu().numpy() if hasattr(back, "detach") else back)
 
 
-def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, threshold: float) -> np.ndarray:
+def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, threshold: float | Sequence[float]) -> np.ndarray:
     """uint8 tissue map on the input's grid, resampling only the box around the tumour.
 
     The same labels as thresholding :func:`_to_input_grid`'s probabilities, for a fraction of
@@ -123,7 +123,7 @@ def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, thr
         return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
     size = [int(n) for n in ops[-1]["orig_size"]]
     tissue = torch.zeros(size, dtype=torch.uint8)
-    above = (probs > threshold).any(0)
+    above = above_threshold(probs, threshold).any(0)
     if above.any():
         box_in, box_out = [], []
         for d, n in enumerate(above.shape):
@@ -193,9 +193,9 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
     ref = open_nifti(case.case_id, case.images[0])  # the input's grid: shape, affine and header of the output
     if cfg.save_probabilities:
         probs_in = _to_input_grid(probs, image, chain)
-        tissue = probabilities_to_tissue(probs_in, cfg.threshold)
+        tissue = probabilities_to_tissue(probs_in, cfg.thresholds)
     else:
-        tissue = tissue_on_input_grid(probs, image, chain, cfg.threshold)
+        tissue = tissue_on_input_grid(probs, image, chain, cfg.thresholds)
     tissue = postprocess(tissue, cfg)
     release = case.labels if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)

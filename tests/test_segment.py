@@ -297,3 +297,20 @@ def test_infer_with_worker_processes_writes_the_same_labels_in_the_same_order(
         np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(parallel.written[case_id]).dataobj))
     info = [json.loads((tmp_path / f"w{w}" / "inference.json").read_text()) for w in (0, 2)]
     assert list(info[0]["seconds_per_case"]) == list(info[1]["seconds_per_case"]) and info[0]["failed"] == info[1]["failed"]
+
+
+def test_per_region_thresholds() -> None:
+    from brats_psp.inference import above_threshold, probabilities_to_tissue
+
+    probs = np.zeros((3, 4, 1, 1), np.float32)
+    probs[:, 0, 0, 0] = [0.45, 0.0, 0.0]  # WT only, between the thresholds 0.4 and 0.5
+    probs[:, 1, 0, 0] = [0.9, 0.35, 0.0]  # TC at 0.35
+    probs[:, 2, 0, 0] = [0.9, 0.9, 0.3]  # ET at 0.3
+    probs[:, 3, 0, 0] = [0.2, 0.2, 0.2]
+    assert probabilities_to_tissue(probs, 0.5)[:, 0, 0].tolist() == [0, Tissue.ED, Tissue.NCR, 0]
+    per_region = probabilities_to_tissue(probs, [0.4, 0.3, 0.25])[:, 0, 0].tolist()
+    assert per_region == [Tissue.ED, Tissue.NCR, Tissue.ET, 0]
+    t = above_threshold(torch.from_numpy(probs), (0.4, 0.3, 0.25))
+    assert isinstance(t, torch.Tensor) and t[:, :, 0, 0].tolist() == [[True, True, True, False], [False, True, True, False], [False, False, True, False]]
+    cfg = load_config(None, ["infer.region_thresholds=[0.4,0.3,0.25]"]).infer
+    assert cfg.thresholds == (0.4, 0.3, 0.25) and load_config(None, ["infer.threshold=0.45"]).infer.thresholds == (0.45,) * 3

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -14,7 +15,7 @@ from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint, sa
 from brats_psp.config import Config, apply_overrides, config_to_dict, load_config
 from brats_psp.checkpoint import resolve_checkpoint
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import finish_run, log_run_setup, prepare_data, run_epoch, start_run, train
+from brats_psp.training import CALIBRATION_GRID, finish_run, log_run_setup, prepare_data, run_epoch, start_run, train
 from tests.conftest import REPO, write_case
 
 
@@ -82,6 +83,21 @@ def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> No
     assert config_of(state).train.epochs == 2
     assert state["preprocessing"]["spacing"] == [2.0, 2.0, 2.0] and state["run_id"] == result.run_id
     assert (result.run_dir / "config.yaml").is_file()
+    # the best checkpoint carries thresholds calibrated on the validation cases, logged to the run
+    thresholds = config_of(state).infer.region_thresholds
+    assert thresholds is not None and len(thresholds) == 3 and set(thresholds) <= set(CALIBRATION_GRID)
+    logged = [run.data.metrics.get(f"calibration/threshold_{r}") for r in ("WT", "TC", "ET")]
+    assert logged == thresholds
+    assert config_of(load_checkpoint(result.last_checkpoint)).infer.region_thresholds is None
+
+
+def test_calibration_picks_the_threshold_of_the_best_validation_dice() -> None:
+    from brats_psp.training import pick_thresholds
+
+    grid = (0.3, 0.4, 0.5, 0.6)
+    means = np.array([[0.7, 0.8, 0.6, 0.5], [0.5, 0.5, 0.5, 0.5], [0.2, 0.9, 0.9, 0.9]])
+    # WT: the best Dice; TC: all equal, so 0.5 (the usual cut) stays; ET: a tie, the one nearest 0.5
+    assert pick_thresholds(grid, means) == [0.4, 0.5, 0.5]
 
 
 class Crash(RuntimeError):
