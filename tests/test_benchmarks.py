@@ -66,3 +66,27 @@ def test_threshold_benchmark_runs(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "thresholds.json").read_text())
     assert result["n"] == 2 and result["grid"] == [0.3, 0.5] and result["model_thresholds"] == [0.5, 0.5, 0.5]
     assert all(len(row) == 2 and all(0.0 <= d <= 1.0 for d in row) for row in result["dice"].values())
+
+
+def test_depth_benchmark_runs(tmp_path: Path) -> None:
+    import shutil
+
+    from tests.conftest import write_case
+
+    paths = write_case(tmp_path / "cases", "brats2021", "BraTS2021_00000")["paths"]
+    (tmp_path / "pred").mkdir()
+    shutil.copy(paths["seg"], tmp_path / "pred" / "BraTS2021_00000.nii.gz")  # a perfect prediction
+    proc = subprocess.run([sys.executable, "benchmarks/depth.py", "--pred", str(tmp_path / "pred"), "--cases", str(tmp_path / "cases")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[:22].strip(): line[22:].split() for line in proc.stdout.splitlines()[1:]}
+    assert {float(v) for v in rows["TC sensitivity"] if v != "nan"} == {1.0}
+    assert sum(float(v) for v in rows["TC share of voxels"]) == pytest.approx(1.0, abs=0.02)
+
+
+def test_readers_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "readers.json"
+    _run("readers.py", "--rounds", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["shape"] == [4, 240, 240, 155] and result["median_ratio_over_shipped"]["nibabel (shipped)"] == 1.0
+    assert set(result["seconds"]) == {"nibabel (shipped)", "SimpleITK in the pipeline", "SimpleITK alone"}

@@ -1,0 +1,67 @@
+"""Where in the brain a model misses tumour: sensitivity by distance from the brain's surface.
+
+    python benchmarks/depth.py --pred /tmp/real/predictions --cases ../shared/data/real --refs ../shared/data/real/references
+    python benchmarks/depth.py --pred /tmp/pred/v7 --cases /tmp/eval/v7
+
+For every reference voxel of TC and ET, its distance (mm) to the edge of the brain (the non-zero
+voxels of T1ce); per distance band, the share of those voxels the prediction has, and the share
+of the region's voxels in the band, pooled over the cases. ``--refs``: a folder of reference label
+files (``<id>-seg.nii.gz``), else each case's own label. Predictions are ``<pred>/<id>.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from brats_psp.data.discovery import discover_cases, label_files  # noqa: E402
+from brats_psp.data.layouts import MODALITIES  # noqa: E402
+from brats_psp.labels import REGION_NAMES, release_to_regions  # noqa: E402
+
+BANDS = (0, 5, 10, 15, 20, 30, 1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pred", type=Path, required=True)
+    ap.add_argument("--cases", type=Path, required=True)
+    ap.add_argument("--refs", type=Path)
+    args = ap.parse_args(argv)
+    refs = label_files(args.refs) if args.refs else None
+    found = np.zeros((2, len(BANDS) - 1))
+    total = np.zeros((2, len(BANDS) - 1))
+    for case in discover_cases(args.cases).cases:
+        label = refs[case.case_id][0] if refs and case.case_id in refs else case.label
+        pred_path = args.pred / f"{case.case_id}.nii.gz"
+        if label is None or not pred_path.is_file():
+            continue
+        t1ce = nib.load(str(case.images[MODALITIES.index("t1ce")]))
+        depth = ndimage.distance_transform_edt(np.asarray(t1ce.dataobj) > 0, sampling=t1ce.header.get_zooms()[:3])
+        ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
+        pred = release_to_regions(np.asarray(nib.load(str(pred_path)).dataobj), case.labels)
+        for k, r in enumerate((REGION_NAMES.index("TC"), REGION_NAMES.index("ET"))):
+            for b in range(len(BANDS) - 1):
+                band = ref[r] & (depth >= BANDS[b]) & (depth < BANDS[b + 1])
+                total[k, b] += band.sum()
+                found[k, b] += (band & pred[r]).sum()
+    labels = [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
+    print(f"{'':<22}" + "".join(f"{x:>11}" for x in labels))
+    for k, name in enumerate(("TC", "ET")):
+        share = total[k] / max(1.0, total[k].sum())
+        sens = np.divide(found[k], total[k], out=np.full_like(found[k], np.nan), where=total[k] > 0)
+        print(f"{name + ' sensitivity':<22}" + "".join(f"{v:>11.2f}" for v in sens))
+        print(f"{name + ' share of voxels':<22}" + "".join(f"{v:>11.2f}" for v in share))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
