@@ -117,3 +117,20 @@ def small_dataset(tmp_path: Path) -> Path:
     for i in range(6):
         write_case(tmp_path / "raw", "brats2021", f"BraTS2021_{i:05d}", seed=i)
     return tmp_path / "raw"
+
+
+def untrained_checkpoint(path: Path) -> Path:
+    """Save an untrained smoke-sized model (2 mm, 32 x 32 windows, no TTA) at ``path``: enough to
+    check geometry, conventions and plumbing, not accuracy."""
+    import torch
+
+    from brats_psp.checkpoint import save_checkpoint
+    from brats_psp.config import config_to_dict, load_config
+    from brats_psp.data.transforms import preprocessing_params
+    from brats_psp.networks import build_network
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", "infer.tta=false"])
+    torch.manual_seed(0)
+    model = build_network(cfg.model, cfg.data.in_channels)
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None})
+    return path

@@ -47,19 +47,9 @@ def test_scaling_benchmark_runs(tmp_path: Path) -> None:
 
 
 def test_threshold_benchmark_runs(tmp_path: Path) -> None:
-    import torch
+    from tests.conftest import untrained_checkpoint, write_case
 
-    from brats_psp.checkpoint import save_checkpoint
-    from brats_psp.config import config_to_dict, load_config
-    from brats_psp.data.transforms import preprocessing_params
-    from brats_psp.networks import build_network
-    from tests.conftest import write_case
-
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", "infer.tta=false"])
-    torch.manual_seed(0)
-    ckpt = tmp_path / "model.pt"
-    state = {"model": build_network(cfg.model, cfg.data.in_channels).state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None}
-    save_checkpoint(ckpt, state)
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
     for i in range(2):
         write_case(tmp_path / "cases", "brats2021", f"BraTS2021_{i:05d}", seed=i)
     _run("thresholds.py", "--model", str(ckpt), "--cases", str(tmp_path / "cases"), "--grid", "0.3", "0.5", "--out", str(tmp_path))

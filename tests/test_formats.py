@@ -10,16 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from brats_psp.checkpoint import save_checkpoint
-from brats_psp.config import config_to_dict, load_config
 from brats_psp.data.discovery import discover_cases
 from brats_psp.data.layouts import LAYOUTS, MODALITIES
-from brats_psp.data.transforms import load_case_arrays, preprocessing_params
-from brats_psp.networks import build_network
+from brats_psp.data.transforms import load_case_arrays
 from brats_psp.segment import segment_cases
-from tests.conftest import BRATS_AFFINE, REPO, write_case
+from tests.conftest import BRATS_AFFINE, untrained_checkpoint, write_case
 
 CID = "BraTS-GLI-00005-000"
 
@@ -59,12 +55,7 @@ def _convert_case(src: Path, dst: Path, ext: str) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", "infer.tta=false"])
-    torch.manual_seed(0)
-    model = build_network(cfg.model, cfg.data.in_channels)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None})
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 @pytest.mark.parametrize("ext", [".nrrd", ".mha"])

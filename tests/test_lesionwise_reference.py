@@ -123,13 +123,22 @@ def _isotropic(path: Path) -> bool:
     return max(zooms) - min(zooms) < 1e-6
 
 
-def _check_panoptica(cases: list[tuple[str, Path, Path]], tmp_path: Path, task: str) -> None:
-    python = _panoptica_python()
+def _ours_and_theirs(
+    python: str | None, missing: str, cases: list[tuple[str, Path, Path]], tmp_path: Path, task: str, command: list[str]
+) -> tuple[dict[str, dict[str, dict]], list[dict]]:
+    """Our rows by case and region, and the reference's JSON for the same pairs (``command`` + the
+    pairs, run with ``python``); skips with ``missing`` when the reference is not set up."""
     if python is None:
-        pytest.skip("brats-evaluation is not installed (set BRATS_EVAL_PYTHON to a Python that has it)")
-    ours = _ours(cases, tmp_path, task)
+        pytest.skip(missing)
     pairs = [str(p) for _, pred, ref in cases for p in (pred, ref)]
-    official = _run([python, str(HERE / "official_brats_eval.py"), "--lesionwise", PANOPTICA_CONFIG[task], *pairs])
+    return _ours(cases, tmp_path, task), _run([python, *command, *pairs])
+
+
+def _check_panoptica(cases: list[tuple[str, Path, Path]], tmp_path: Path, task: str) -> None:
+    ours, official = _ours_and_theirs(
+        _panoptica_python(), "brats-evaluation is not installed (set BRATS_EVAL_PYTHON to a Python that has it)",
+        cases, tmp_path, task, [str(HERE / "official_brats_eval.py"), "--lesionwise", PANOPTICA_CONFIG[task]],
+    )
     for (cid, _, ref), theirs in zip(cases, official):
         for region in ("WT", "TC", "ET"):
             row, ref_row = ours[cid][region], theirs[region.lower()]
@@ -146,12 +155,10 @@ def _check_panoptica(cases: list[tuple[str, Path, Path]], tmp_path: Path, task: 
 
 
 def _check_2023(cases: list[tuple[str, Path, Path]], tmp_path: Path, task: str) -> None:
-    python = _brats2023_python()
-    if python is None:
-        pytest.skip("the BraTS 2023 metrics script is not set up (BRATS2023_PYTHON and BRATS2023_METRICS)")
-    ours = _ours(cases, tmp_path, task)
-    pairs = [str(p) for _, pred, ref in cases for p in (pred, ref)]
-    script = _run([python, str(HERE / "brats2023_metrics.py"), f"BraTS-{task}", *pairs])
+    ours, script = _ours_and_theirs(
+        _brats2023_python(), "the BraTS 2023 metrics script is not set up (BRATS2023_PYTHON and BRATS2023_METRICS)",
+        cases, tmp_path, task, [str(HERE / "brats2023_metrics.py"), f"BraTS-{task}"],
+    )
     for (cid, _, _), theirs in zip(cases, script):
         for region in ("WT", "TC", "ET"):
             row, ref_row = ours[cid][region], theirs[region]

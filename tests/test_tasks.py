@@ -14,33 +14,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from brats_psp.checkpoint import save_checkpoint
-from brats_psp.config import config_to_dict, load_config
+from brats_psp.config import load_config
 from brats_psp.data.cache import CachedVolume, entry_dir
 from brats_psp.data.discovery import discover_cases
 from brats_psp.data.preprocess import preprocess_dataset
-from brats_psp.data.transforms import preprocessing_params
 from brats_psp.evaluation import evaluate
 from brats_psp.labels import RELEASES, Tissue, release_to_regions, tissue_to_release
-from brats_psp.networks import build_network
 from brats_psp.segment import segment_cases
-from tests.conftest import REPO, write_case
+from tests.conftest import REPO, untrained_checkpoint, write_case
 
 GLI, PED = "BraTS-GLI-00003-000", "BraTS-PED-00003-000"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained smoke-sized model whose bias makes it predict every region somewhere."""
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", "infer.tta=false"])
-    torch.manual_seed(0)
-    model = build_network(cfg.model, cfg.data.in_channels)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    state = {"model": model.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None}
-    save_checkpoint(path, state)
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 def _same_tumour_as_gli_and_ped(root: Path) -> None:
