@@ -149,6 +149,14 @@ def test_paired_comparison_of_two_evaluated_runs_end_to_end(
         assert float(row["p_value"]) == pytest.approx(expected, abs=1e-6)
         assert float(row["ci_low"]) <= float(row["mean_diff"]) <= float(row["ci_high"])
     assert (out / "paired.png").stat().st_size > 10_000
+    # evaluate --lesionwise --run logged the lesion-wise means with the whole-volume ones
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking_uri=uri).get_run(a).data.metrics
+    assert {"eval/dice_WT", "eval/lesion_dice_2023_WT", "eval/lesion_hd95_2023_ET", "eval/lesion_f1_TC"} <= set(logged)
+    summary_a = read_case_metrics(tmp_path / f"pred-{a[:8]}" / "eval" / "lesionwise.csv")
+    expected = np.mean([v["dice_2023"] for (case, region), v in summary_a.items() if region == "WT"])
+    assert logged["eval/lesion_dice_2023_WT"] == pytest.approx(expected, abs=1e-5)  # the CSV keeps 6 digits
     # the plain table shows the evaluation means next to the validation metrics
     table = format_comparison(compare_runs(run_ids=[a, b], tracking_uri=uri))
     assert "eval/dice_mean" in table and "eval/hd95_TC" in table
