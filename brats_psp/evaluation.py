@@ -27,16 +27,17 @@ from brats_psp.errors import CaseError
 from brats_psp.io import write_json, write_text
 from brats_psp.labels import (
     REGION_NAMES,
-    TASKS,
     LabelValueError,
     NoRegionsError,
     UnknownTaskError,
+    canonical_task,
     convention_for,
     get_release,
     release_to_regions,
     task_of,
 )
 from brats_psp.lesionwise import (
+    LESION_METRIC_NAMES,
     LESIONWISE_COLUMNS,
     lesionwise_rows,
     summarise_lesionwise,
@@ -80,9 +81,13 @@ def _find_prediction(pred_dir: Path, case_id: str) -> Path:
 
 def evaluate_case(case: Case, pred_path: Path, pred_labels: str | None = None) -> list[dict[str, Any]]:
     """Rows (one per region) of metrics for one case; the prediction uses ``pred_labels`` (default: the case's release)."""
+    return evaluate_label(case.case_id, _reference_label(case), case.labels, pred_path, pred_labels)
+
+
+def _reference_label(case: Case) -> Path:
     if case.label is None:
         raise CaseError(case.case_id, case.images[0], "reference case has no label file")
-    return evaluate_label(case.case_id, case.label, case.labels, pred_path, pred_labels)
+    return case.label
 
 
 def evaluate_label(case_id: str, label: Path, release: str, pred_path: Path, pred_labels: str | None = None) -> list[dict[str, Any]]:
@@ -108,16 +113,14 @@ def _region_rows(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing: tuple
     return [{"case": case_id, "region": r, **region_metrics(pred[i], ref[i], spacing)} for i, r in enumerate(REGION_NAMES)]
 
 
-def _lesion_task(case_id: str, convention: str, task: str) -> str:
+def _lesion_task(case_id: str, task: str) -> str:
     """The task whose 2023 lesion-wise rules apply: the forced one, the id's (2023+ files), else GLI."""
     if task != "auto":
-        return next(t for t in TASKS if t.lower() == task.lower())
-    if convention.startswith("brats2023"):
-        try:
-            return task_of(case_id)
-        except UnknownTaskError:
-            pass
-    return "GLI"
+        return canonical_task(task)
+    try:
+        return task_of(case_id)
+    except UnknownTaskError:  # 2017-2021 and MSD ids name no task
+        return "GLI"
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -187,7 +190,7 @@ def log_to_mlflow(run_id: str, result: EvaluationResult, tracking_uri: str | Non
     if dice:
         client.log_metric(run_id, "eval/dice_mean", float(np.mean(dice)))
     for region, stats in result.summary.get("lesionwise", {}).items():
-        for key, name in (("dice", "lesion_dice"), ("hd95", "lesion_hd95"), ("f1", "lesion_f1"), ("dice_2023", "lesion_dice_2023"), ("hd95_2023", "lesion_hd95_2023")):
+        for key, name in LESION_METRIC_NAMES.items():
             if np.isfinite(stats[key]):
                 client.log_metric(run_id, f"eval/{name}_{region}", stats[key])
     for path in (result.metrics_csv, result.summary_json, result.lesionwise_csv):
@@ -217,7 +220,7 @@ def evaluate(
     pred_dir = Path(pred_dir)
     out = Path(out_dir) if out_dir is not None else pred_dir
     labels = label_files(ref, layout)
-    references: list[tuple[str, Path | None, str, Case | None]] = []  # (case id, label, convention, case)
+    references: list[tuple[str, Path | None, str, Case | None]] = []  # (case id, label file, convention, discovered case)
     if labels is not None:
         log.info("%s: a folder of %d reference label file(s) alone", ref, len(labels))
         result = EvaluationResult()
@@ -230,19 +233,18 @@ def evaluate(
         found = discover_cases(ref, layout, task=task)
         result = EvaluationResult(failures=list(found.failures))
         references = [(case.case_id, case.label, case.labels, case) for case in found.cases]
-    for case_id, path, convention, _case in references:
+    for case_id, path, convention, case in references:
         try:
             try:
                 get_release(convention, regions=True)  # MEN-RT: refused before looking for a prediction
             except NoRegionsError as err:
                 raise CaseError(case_id, path or ref, str(err)) from None
             pred_path = _find_prediction(pred_dir, case_id)
-            if path is None:
-                raise CaseError(case_id, _case.images[0] if _case else ref, "reference case has no label file")
-            pred, ref_regions, spacing = _read_pair(case_id, path, convention, pred_path, pred_labels)
+            label = _reference_label(case) if case is not None else path
+            pred, ref_regions, spacing = _read_pair(case_id, label, convention, pred_path, pred_labels)
             result.rows.extend(_region_rows(case_id, pred, ref_regions, spacing))
             if lesionwise:
-                result.lesion_rows.extend(lesionwise_rows(case_id, pred, ref_regions, spacing, _lesion_task(case_id, convention, task)))
+                result.lesion_rows.extend(lesionwise_rows(case_id, pred, ref_regions, spacing, _lesion_task(case_id, task)))
         except CaseError as err:
             log.error("%s", err)
             result.failures.append(err)

@@ -67,6 +67,7 @@ __all__ = [
     "UnknownTaskError",
     "TASKS",
     "task_of",
+    "canonical_task",
     "convention_for",
 ]
 
@@ -166,6 +167,14 @@ def _canonical_task(name: str) -> str | None:
     return next((t for t in TASKS if t.lower() == name.lower()), None)
 
 
+def canonical_task(name: str) -> str:
+    """A task as :data:`TASKS` spells it (``ped`` -> ``PED``), or :class:`UnknownTaskError`."""
+    task = _canonical_task(name)
+    if task is None:
+        raise UnknownTaskError(f"unknown task {name!r} (data.task / --task); expected auto or one of {list(TASKS)}")
+    return task
+
+
 def task_of(case_id: str) -> str:
     """The BraTS 2023+ task of ``case_id`` (``BraTS-PED-00012-000`` -> ``PED``).
 
@@ -196,13 +205,12 @@ def convention_for(case_id: str, layout: str, task: str = "auto") -> str:
         UnknownTaskError: ``task`` is not a known task, or ``auto`` and the id names none.
         ValueError: a task other than GLI forced on brats2021 / MSD files (one convention each).
     """
-    if task != "auto" and _canonical_task(task) is None:
-        raise UnknownTaskError(f"unknown task {task!r} (data.task / --task); expected auto or one of {list(TASKS)}")
+    forced = None if task == "auto" else canonical_task(task)
     if layout != "brats2023":
-        if task != "auto" and _canonical_task(task) != "GLI":
+        if forced not in (None, "GLI"):
             raise ValueError(f"case {case_id}: task {task} needs BraTS 2023+ files; {layout} files have one label convention")
         return layout
-    return TASKS[task_of(case_id) if task == "auto" else _canonical_task(task)]  # type: ignore[index]
+    return TASKS[forced or task_of(case_id)]
 
 
 def get_release(name: str, regions: bool = False) -> Release:

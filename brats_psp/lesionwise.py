@@ -61,10 +61,11 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from brats_psp.labels import REGION_NAMES
-from brats_psp.metrics import dice, hd95
+from brats_psp.metrics import dice, hd95, surface_voxels
 
 __all__ = [
     "LESIONWISE_COLUMNS",
+    "LESION_METRIC_NAMES",
     "PANOPTICA_CONNECTIVITY",
     "MATCH_THRESHOLD",
     "RULES_2023",
@@ -81,6 +82,12 @@ LESIONWISE_COLUMNS: tuple[str, ...] = (
     "case", "region", "tp", "fp", "fn", "f1", "dice", "hd95", "nsd",
     "tp_2023", "fp_2023", "fn_2023", "dice_2023", "hd95_2023",
 )  # fmt: skip
+
+#: lesionwise.csv column -> the name of its mean over the cases in MLflow (``eval/<name>_<region>``)
+#: and in ``compare --paired``.
+LESION_METRIC_NAMES: dict[str, str] = {
+    "dice": "lesion_dice", "hd95": "lesion_hd95", "f1": "lesion_f1", "dice_2023": "lesion_dice_2023", "hd95_2023": "lesion_hd95_2023",
+}
 
 #: Neighbourhood of panoptica's connected components: 26 (faces, edges and corners).
 PANOPTICA_CONNECTIVITY = 26
@@ -123,15 +130,11 @@ def _box(*masks: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
-
-
 def nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
     """Normalised surface Dice as panoptica computes it: the mean of the share of each surface's
-    voxels within the tolerance (the smallest voxel side) of the other surface."""
-    box = _box(pred, ref)
-    sp, sr = _surface(pred[box]), _surface(ref[box])
+    voxels within the tolerance (the smallest voxel side) of the other surface. The surfaces are
+    those of :func:`brats_psp.metrics.hd95`; call it on the pair's box (:func:`_pair_scores`)."""
+    sp, sr = surface_voxels(pred), surface_voxels(ref)
     if not sp.any() or not sr.any():
         return 0.0
     tolerance = float(min(spacing))

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["EMPTY_HD95_MM", "dice", "hd95", "sensitivity", "specificity", "region_metrics"]
+__all__ = ["EMPTY_HD95_MM", "dice", "hd95", "sensitivity", "specificity", "region_metrics", "surface_voxels"]
 
 #: HD95 when exactly one of the masks is empty: the diagonal of the 240 × 240 × 155 mm BraTS volume.
 EMPTY_HD95_MM = float(np.sqrt(240.0**2 + 240.0**2 + 155.0**2))
@@ -41,7 +41,8 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
+def surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """The voxels of a mask with a face (6-connected) neighbour outside it."""
     eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
     return mask & ~eroded
 
@@ -60,7 +61,7 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0
     hi = both.max(0) + 2
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     pred, ref = pred[box], ref[box]
-    sp, sr = _surface(pred), _surface(ref)
+    sp, sr = surface_voxels(pred), surface_voxels(ref)
     dist_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
     dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
     distances = np.concatenate([dist_to_ref[sp], dist_to_pred[sr]])

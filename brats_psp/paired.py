@@ -32,6 +32,7 @@ import numpy as np
 from brats_psp.errors import RunError
 from brats_psp.io import write_text
 from brats_psp.labels import REGION_NAMES
+from brats_psp.lesionwise import LESION_METRIC_NAMES
 
 __all__ = [
     "PAIRED_COLUMNS",
@@ -53,8 +54,8 @@ METRICS = ("dice", "hd95", "lesion_dice_2023", "lesion_hd95_2023", "lesion_f1", 
 #: Where ``evaluate --run`` logs the per-case metrics in the run's artifacts.
 METRICS_ARTIFACT = "evaluation/metrics.csv"
 LESIONWISE_ARTIFACT = "evaluation/lesionwise.csv"
-#: lesionwise.csv column -> compared metric.
-_LESION_METRICS = {"dice_2023": "lesion_dice_2023", "hd95_2023": "lesion_hd95_2023", "f1": "lesion_f1", "dice": "lesion_dice"}
+#: lesionwise.csv column -> compared metric (those of :data:`METRICS`).
+_LESION_METRICS = {col: name for col, name in LESION_METRIC_NAMES.items() if name in METRICS}
 
 CaseMetrics = dict[tuple[str, str], dict[str, float]]  # (case, region) -> metric -> value
 

@@ -307,7 +307,8 @@ def segment_cases(
     current one, and a thread writes each result in the background; the outputs, the log's
     order and ``inference.json`` are those of ``workers=0``, and a bad case still stops only
     itself. Predictions are written in each case's label convention (``infer.labels: input``; for
-    BraTS 2023+ its task's, ``task`` forcing one), or in the one ``infer.labels`` names. A case's time counts from the start of its reading to the end of its writing.
+    BraTS 2023+ its task's, ``task`` forcing one), or in the one ``infer.labels`` names. A case's
+    time counts from the start of its reading to the end of its writing.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
     cfg = cfg or loaded.config.infer

@@ -137,6 +137,19 @@ def _broadcast(obj: Any, runtime: Runtime) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
+def _segment_cached(
+    model: nn.Module, case_dirs: list[Path], cfg: Config, runtime: Runtime, desc: str, progress: bool
+) -> Iterator[tuple[CachedVolume, torch.Tensor, np.ndarray, torch.Tensor]]:
+    """Each cached case segmented as ``infer`` would (preprocessed space): (volume, image
+    (4, X, Y, Z), tissue (X, Y, Z), region probabilities (3, X, Y, Z))."""
+    model.eval()
+    for case_dir in tqdm(case_dirs, desc=desc, unit="case", leave=False, disable=not progress):
+        vol = CachedVolume(case_dir)
+        image = torch.from_numpy(np.asarray(vol.image, dtype=np.float32)).permute(1, 2, 3, 0)  # (4, X, Y, Z)
+        tissue = np.asarray(vol.label).transpose(1, 2, 0)  # (X, Y, Z)
+        yield vol, image, tissue, predict_volume(_unwrap(model), image, cfg.infer, runtime, cfg.model.output, cfg.data.context_slices)
+
+
 def validate(
     model: nn.Module, case_dirs: list[Path], cfg: Config, runtime: Runtime, progress: bool = False
 ) -> tuple[dict[str, float], dict[str, Any] | None]:
@@ -145,15 +158,10 @@ def validate(
     Each process scores its share of the cases; the result is the mean over all of them.
     Returns the metrics and, on rank 0, the first case's arrays for the overlay figure.
     """
-    model.eval()
     scores: list[list[float]] = []
     example = None
     mine = case_dirs[runtime.rank :: runtime.world_size]
-    for case_dir in tqdm(mine, desc="validate", unit="case", leave=False, disable=not progress):
-        vol = CachedVolume(case_dir)
-        image = torch.from_numpy(np.asarray(vol.image, dtype=np.float32)).permute(1, 2, 3, 0)  # (4, X, Y, Z)
-        tissue = np.asarray(vol.label).transpose(1, 2, 0)  # (X, Y, Z)
-        probs = predict_volume(_unwrap(model), image, cfg.infer, runtime, cfg.model.output, cfg.data.context_slices)
+    for vol, image, tissue, probs in _segment_cached(model, mine, cfg, runtime, "validate", progress):
         pred = above_threshold(probs, cfg.infer.thresholds).numpy()
         ref = tissue_to_regions(tissue)
         scores.append([dice(pred[i], ref[i]) for i in range(len(REGION_NAMES))])
@@ -187,14 +195,10 @@ def calibrate_thresholds(
     edge; on the held-out validation cases this picks the cut that its probabilities call for,
     instead of assuming 0.5. Returns ``([WT, TC, ET] thresholds, {"WT": dice, ...})``.
     """
-    model.eval()
     values = torch.tensor(grid, dtype=torch.float32).view(-1, 1, 1, 1)
     sums = np.zeros((len(REGION_NAMES), len(grid)))
-    for case_dir in tqdm(case_dirs, desc="calibrate", unit="case", leave=False, disable=not progress):
-        vol = CachedVolume(case_dir)
-        image = torch.from_numpy(np.asarray(vol.image, dtype=np.float32)).permute(1, 2, 3, 0)
-        ref = tissue_to_regions(np.asarray(vol.label).transpose(1, 2, 0))
-        probs = predict_volume(_unwrap(model), image, cfg.infer, runtime, cfg.model.output, cfg.data.context_slices).cpu()
+    for _, _, tissue, probs in _segment_cached(model, case_dirs, cfg, runtime, "calibrate", progress):
+        ref, probs = tissue_to_regions(tissue), probs.cpu()
         for r in range(len(REGION_NAMES)):
             masks = (probs[r][None] > values).numpy()  # (T, X, Y, Z)
             sums[r] += [dice(m, ref[r]) for m in masks]

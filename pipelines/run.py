@@ -199,6 +199,9 @@ def sync_mlflow(args: argparse.Namespace) -> int:
     return 0
 
 
+TASK_HELP = "BraTS 2023+ task whose label convention the cases use (default auto: from each case id, BraTS-PED-* is paediatric); GLI, SSA, GoAT, MEN, MET, PED"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipelines/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -244,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="case folder, dataset folder (any layout) or datalist JSON")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--layout", default="auto", help="force the input layout (brats2021, brats2023, msd)")
-    p.add_argument("--task", default="auto", help="BraTS 2023+ task whose label convention the cases use (default auto: from each case id, BraTS-PED-* is paediatric); GLI, SSA, GoAT, MEN, MET, PED")
+    p.add_argument("--task", default="auto", help=TASK_HELP)
     p.add_argument("--tracking-uri", help="MLflow tracking URI for run IDs and model URIs (default: MLflow's)")
     p.add_argument(
         "--workers", type=int, default=0,
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where metrics.csv and summary.json go (default: --pred)")
     p.add_argument("--run", help="MLflow run to log to (default: the run of the model that made the predictions)")
     p.add_argument("--layout", default="auto", help="force the reference layout")
-    p.add_argument("--task", default="auto", help="BraTS 2023+ task whose label convention the cases use (default auto: from each case id, BraTS-PED-* is paediatric); GLI, SSA, GoAT, MEN, MET, PED")
+    p.add_argument("--task", default="auto", help=TASK_HELP)
     p.add_argument(
         "--lesionwise", action="store_true",
         help="also lesion-wise metrics in both BraTS definitions (the official package's panoptica matching, the 2023 challenge rules): OUT/lesionwise.csv",

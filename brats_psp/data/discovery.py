@@ -28,7 +28,7 @@ from brats_psp.data.layouts import (
     get_layout,
 )
 from brats_psp.errors import CaseError, DiscoveryError
-from brats_psp.labels import TASKS, convention_for
+from brats_psp.labels import UnknownTaskError, canonical_task, convention_for
 
 __all__ = ["Case", "Discovery", "discover_cases", "detect_layout", "split_nifti_name", "resolve_inside", "label_files"]
 
@@ -99,7 +99,7 @@ def _match_file(stem: str, layout: Layout) -> tuple[str, str] | None:
     return None
 
 
-def _nifti_files(root: Path, report: bool = False) -> list[Path]:
+def _image_files(root: Path, report: bool = False) -> list[Path]:
     """Image files under ``root``, following symbolically linked folders and files (a common way
     to assemble a dataset) once each: a link that leads back into a visited folder is not entered.
     With ``report``, every folder or file left out is logged with the reason."""
@@ -140,11 +140,11 @@ def label_files(root: str | os.PathLike, layout: str = "auto") -> dict[str, tupl
     if not root.is_dir():
         return None
     if root.name == "labelsTr" and layout in ("auto", "msd"):  # the Decathlon's label folder
-        msd = {split_nifti_name(p.name)[0]: (p, "msd") for p in _nifti_files(root)}  # type: ignore[index]
+        msd = {split_nifti_name(p.name)[0]: (p, "msd") for p in _image_files(root)}  # type: ignore[index]
         return msd or None
     layouts = [LAYOUTS[layout]] if layout in ("brats2021", "brats2023") else [LAYOUTS["brats2021"], LAYOUTS["brats2023"]]
     found: dict[str, tuple[Path, str]] = {}
-    for path in _nifti_files(root):
+    for path in _image_files(root):
         stem = split_nifti_name(path.name)[0]  # type: ignore[index]
         matches = [(m, lay.name) for lay in layouts if (m := _match_file(stem, lay))]
         if not matches or any(modality != "seg" for (_, modality), _ in matches):
@@ -162,7 +162,7 @@ def detect_layout(root: str | os.PathLike) -> str:
     """
     root = Path(root)
     counts: dict[str, int] = defaultdict(int)
-    for path in _nifti_files(root):
+    for path in _image_files(root):
         stem = split_nifti_name(path.name)[0]  # type: ignore[index]
         if path.parent.name in _MSD_IMAGE_DIRS or path.parent.name == "labelsTr":
             counts["msd"] += 1
@@ -182,7 +182,7 @@ def detect_layout(root: str | os.PathLike) -> str:
 def _discover_per_contrast(root: Path, layout: Layout) -> Discovery:
     groups: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
     unmatched: dict[Path, list[str]] = defaultdict(list)
-    for path in _nifti_files(root, report=True):
+    for path in _image_files(root, report=True):
         match = _match_file(split_nifti_name(path.name)[0], layout)  # type: ignore[index]
         if match:
             case_id, modality = match
@@ -209,7 +209,7 @@ def _discover_msd(root: Path) -> Discovery:
     if root.name in _MSD_IMAGE_DIRS:
         image_dirs, root = [root], root.parent
     for image_dir in image_dirs:
-        for path in _nifti_files(image_dir):
+        for path in _image_files(image_dir):
             case_id, ext = split_nifti_name(path.name)  # type: ignore[misc]
             label = None
             if image_dir.name == "imagesTr":
@@ -289,8 +289,11 @@ def _discover_datalist(path: Path, section: str | None) -> Discovery:
 
 def _assign_conventions(found: Discovery, task: str) -> None:
     """Set each case's label convention; a case whose task is unknown becomes a failure."""
-    if task != "auto" and task.lower() not in {t.lower() for t in TASKS}:
-        raise DiscoveryError(f"unknown task {task!r} (data.task / --task); expected auto or one of {list(TASKS)}")
+    if task != "auto":
+        try:
+            canonical_task(task)
+        except UnknownTaskError as err:
+            raise DiscoveryError(str(err)) from None
     cases = []
     for case in found.cases:
         if case.convention:  # named by a datalist entry

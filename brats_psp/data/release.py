@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from brats_psp.data.layouts import MODALITIES, get_layout
+from brats_psp.data.layouts import MODALITIES, Layout, get_layout
 from brats_psp.io import save_nifti, write_json
 from brats_psp.labels import tissue_to_release
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 FORMATS: dict[str, str] = {"brats2021": "brats2021", "brats2023": "brats2023", "brats2023-ped": "brats2023", "msd": "msd"}
 
 
-def _layout(fmt: str):
+def _layout(fmt: str) -> Layout:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
     return get_layout(FORMATS[fmt])
