@@ -186,36 +186,3 @@ def test_lesion_appearance_moves_a_core_without_enhancing_tumour_with_its_edema(
     # varying texture, on average by less than half the shift (a core left alone: by all of it)
     after = (image + diff)[..., 15, 15] - (image + diff)[..., 7, 7]
     assert float((after - 0.5).abs().mean()) < 0.5 * float(edema.abs().mean())
-
-
-def test_surface_cut_brings_the_tumour_to_the_brains_surface() -> None:
-    # A round "brain" with a tumour off its centre; the cut takes off the cap between them.
-    b, h, w = 32, 64, 64
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    brain = ((yy - 32) ** 2 + (xx - 32) ** 2 < 28**2).float()
-    wt = ((yy - 32) ** 2 + (xx - 46) ** 2 < 9**2).float()
-    tc = ((yy - 32) ** 2 + (xx - 46) ** 2 < 5**2).float()
-    image = (torch.randn(b, 8, h, w, generator=torch.Generator().manual_seed(0)) + 3) * brain
-    label = torch.stack([wt, tc, torch.zeros_like(wt)])[None].repeat(b, 1, 1, 1)
-    label[-4:] = 0  # slices without tumour are never cut
-    batch = {"image": image, "label": label, "presence": torch.ones(b, 3)}
-    out = BatchAugment(dataclasses.replace(NOTHING, surface_cut=1.0))(batch, seed=0)
-    kept = out["image"].abs().sum(1) > 0
-    removed = (brain > 0) & ~kept
-    # Cut means outside the brain on every channel and in every label; what stays is untouched.
-    assert torch.equal(out["image"], image * kept[:, None])
-    assert torch.equal(out["label"], label * kept[:, None])
-    assert torch.equal(out["presence"], out["label"].flatten(2).amax(2))
-    assert not removed[-4:].any()
-    cut = removed[:-4].flatten(1).any(1)
-    assert cut.float().mean() > 0.9
-    # A cap on the tumour's side goes (the tumour is at x = 46, the brain's centre at 32), the brain stays.
-    xs = xx[None].expand_as(removed)
-    assert all(float(xs[k][removed[k]].float().mean()) > 38 for k in range(b - 4) if cut[k])
-    assert not removed[:, 28:37, 24:37].any()
-    assert removed[:-4].flatten(1).float().sum(1).max() < 0.35 * brain.sum()
-    # The tumour (most of it kept) now reaches the new edge: a kept tumour pixel next to a removed one.
-    left = out["label"][:-4, 0]
-    assert (left.flatten(1).sum(1) > 0.3 * wt.sum()).float().mean() > 0.9
-    near_cut = torch.nn.functional.max_pool2d(removed[:-4, None].float(), 3, stride=1, padding=1)[:, 0]
-    assert ((left * near_cut).flatten(1).sum(1) > 0)[cut[: b - 4]].float().mean() > 0.9

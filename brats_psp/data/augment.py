@@ -26,22 +26,8 @@ of 16 4 × 128 × 128 slices here takes 15 ms on both cores, 0.96 ms a slice (10
 and the data path went from 0.845 to 0.92 of the in-memory step rate (``benchmarks/training.py``).
 With a GPU it runs there, and the loader's workers only read and crop.
 
-Three steps that MONAI has no transform for, all for transfer to real scans. The first right
-after the geometry (the intensity steps then treat the cut-off part as outside the brain):
-
-====================  =====================================================  ====================
-step                  what (per slice)                                       probability
-====================  =====================================================  ====================
-surface cut           on a slice with tumour, everything beyond a wavy line  ``data.surface_cut``
-                      through the tumour's core (0-1 core radii from its
-                      centre, facing outwards) becomes outside the brain,
-                      image and labels: the tumour now reaches the brain's
-                      surface, as superficial gliomas do (the generator
-                      grows its lesions around white-matter sites)
-====================  =====================================================  ====================
-
-Then the two last, the SynthSeg lesson (appearance randomised per sample, far wider than real
-scans vary):
+Two steps that MONAI has no transform for come last, both for transfer to real scans (the
+SynthSeg lesson: appearance randomised per sample, far wider than real scans vary):
 
 ====================  =====================================================  ====================
 step                  what (per slice)                                       probability
@@ -76,11 +62,6 @@ __all__ = ["BatchAugment", "affine_warp", "batch_seed"]
 #: Probabilities of the steps without a config key (MONAI's usual choices, as before).
 AFFINE_PROB, SCALE_PROB, SHIFT_PROB, GAMMA_PROB, NOISE_PROB = 0.5, 0.5, 0.5, 0.3, 0.3
 BIAS_PROB = 0.5
-
-#: Surface cut: only slices with at least this many whole-tumour pixels; the line lies 0 to
-#: SURFACE_CUT_REACH core radii from the core's centre and wavers by SURFACE_CUT_WAVE radii.
-SURFACE_CUT_MIN_PIXELS, SURFACE_CUT_REACH, SURFACE_CUT_WAVE = 30, 1.0, 0.25
-SURFACE_CUT_CORE_SHARE, SURFACE_CUT_SPREAD = 0.25, math.pi / 3
 
 #: Shift ranges (z-score units) of each lesion part, per contrast in MODALITIES order
 #: (T1, T1ce, T2, FLAIR). Edema may get darker only a little on FLAIR and T2 (it stays
@@ -154,11 +135,6 @@ class BatchAugment:
             scales = uniform(1 - cfg.scale_range, 1 + cfg.scale_range, len(i), 2).float()
             image[i] = affine_warp(image[i], angles, scales, "bilinear")
             label[i] = affine_warp(label[i], angles, scales, "nearest")
-        if cfg.surface_cut > 0 and len(i := chosen(cfg.surface_cut)):
-            i = i[label[i, 0].flatten(1).sum(1) >= SURFACE_CUT_MIN_PIXELS]
-            if len(i):
-                keep = _surface_cut(image[i], label[i], g).to(image.dtype)
-                image[i], label[i] = image[i] * keep, label[i] * keep
         if cfg.intensity_scale > 0 and len(i := chosen(SCALE_PROB)):
             image[i] *= 1 + uniform(-cfg.intensity_scale, cfg.intensity_scale, len(i), c)[..., None, None]
         if cfg.intensity_shift > 0 and len(i := chosen(SHIFT_PROB)):
@@ -183,37 +159,6 @@ def _smooth_field(b: int, c: int, size: torch.Size | tuple[int, int], g: torch.G
     """B x C x H x W smooth random fields (unit-variance values on a ``cells`` x ``cells`` grid, bicubic)."""
     low = torch.randn(b, c, cells, cells, generator=g)
     return F.interpolate(low, size=tuple(size), mode="bicubic", align_corners=True)
-
-
-def _surface_cut(image: torch.Tensor, label: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """B x 1 x H x W masks (1 = kept) that bring each slice's tumour to the brain's surface.
-
-    A wavy line crosses the core (TC; the whole tumour where the core is under
-    ``SURFACE_CUT_CORE_SHARE`` of it) at 0 to ``SURFACE_CUT_REACH`` core radii from its centre,
-    facing outwards (away from the brain's centre, within ±``SURFACE_CUT_SPREAD`` radians), and
-    wavers by up to ``SURFACE_CUT_WAVE`` radii (a smooth field); what lies beyond it is cut off,
-    so the brain loses the cap between the tumour and its surface.
-    """
-    b, _, h, w = label.shape
-    big_core = label[:, 1].flatten(1).sum(1) >= SURFACE_CUT_CORE_SHARE * label[:, 0].flatten(1).sum(1)
-    core = torch.where(big_core[:, None, None], label[:, 1], label[:, 0])
-    brain = (image.abs().sum(1) > 0).to(label.dtype)
-    ys = torch.arange(h, dtype=label.dtype, device=label.device)[:, None]
-    xs = torch.arange(w, dtype=label.dtype, device=label.device)[None, :]
-
-    def centre(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        area = mask.flatten(1).sum(1).clamp_min(1.0)
-        return (mask * ys).flatten(1).sum(1) / area, (mask * xs).flatten(1).sum(1) / area, area
-
-    cy, cx, area = centre(core)
-    by, bx, _ = centre(brain)
-    radius = (area / math.pi).sqrt().clamp_min(2.0)
-    draw = torch.rand(b, 2, generator=g, dtype=torch.float64).to(label.device, label.dtype)
-    theta = torch.atan2(cy - by, cx - bx) + SURFACE_CUT_SPREAD * (2 * draw[:, 0] - 1)
-    reach = SURFACE_CUT_REACH * draw[:, 1]
-    along = (ys - cy[:, None, None]) * torch.sin(theta)[:, None, None] + (xs - cx[:, None, None]) * torch.cos(theta)[:, None, None]
-    wave = SURFACE_CUT_WAVE * _smooth_field(b, 1, (h, w), g, cells=6)[:, 0].to(label.device, label.dtype)
-    return (along / radius[:, None, None] + wave < reach[:, None, None])[:, None]
 
 
 def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Generator) -> torch.Tensor:
