@@ -77,11 +77,6 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
 }
 _ENHANCING = ("vessel", "sinus", "choroid", "dura")
 
-#: Heterogeneity (relative std of a class's texture) per class: (low, high); others (0, 0.12).
-_SPREAD: dict[str, tuple[float, float]] = {
-    "csf": (0.03, 0.2), "gm": (0.03, 0.2), "wm": (0.03, 0.2), "ncr": (0.03, 0.25), "et": (0.03, 0.25),
-}
-
 #: Probability that a case's necrosis has edema's intensities (x 0.9-1.1) on every contrast.
 NECROSIS_MIMICS_EDEMA = 0.35
 
@@ -140,8 +135,7 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
     # Enhancing tumour: brighter than what surrounds it after contrast, and than before it.
     et = float(np.exp(u(np.log(ET_T1CE_RANGE[0]), np.log(ET_T1CE_RANGE[1]))))
     t1ce["et"] = max(et, 1.25 * max(t1ce["ed"], t1ce["ncr"], t1ce["net"]), 1.15 * means["t1"]["et"])
-    # Heterogeneity: necrosis and enhancing tumour are often mottled (debris, blood, patchy enhancement).
-    spread = {m: {k: float(u(*_SPREAD.get(k, (0.0, 0.12)))) for k in means[m]} for m in MODALITIES}
+    spread = {m: {k: float(u(0.03, 0.2) if k in ("csf", "gm", "wm") else u(0.0, 0.12)) for k in means[m]} for m in MODALITIES}
     scale = {m: BASE_SCALE[m] * float(np.exp(u(np.log(0.4), np.log(2.5)))) for m in MODALITIES}
     noise = {m: float(np.exp(u(np.log(0.01), np.log(0.05)))) for m in MODALITIES}
     return Appearance(means, spread, scale, noise)

@@ -12,9 +12,9 @@ A case has one lesion, or (15 %) a second, smaller one elsewhere (multifocal). E
   perturbed by a smooth field); with edema the whole tumour spans about 1 to 250 mL.
 * **Kind** (``KIND_CYCLE``: in any 8 consecutive cases 4 high-grade, 2 solid, 2 low-grade):
 
-  - ``gbm``: an enhancing rim (thin 2 mm to thick 7 mm, mostly irregular and nodular,
-    complete or with gaps where the wall does not enhance) around a core that is necrotic
-    (half of them crossed by enhancing septa: multiloculated), cystic (fluid) or haemorrhagic;
+  - ``gbm``: an enhancing rim (thin 2 mm to thick 7 mm, smooth or nodular, complete or
+    with gaps where the wall does not enhance) around a core that is necrotic, cystic
+    (fluid) or haemorrhagic;
   - ``solid``: an enhancing mass, half with a small necrotic centre, some with a
     non-enhancing part;
   - ``lgg``: a non-enhancing core (no ET), sometimes with a cyst.
@@ -49,9 +49,6 @@ LESION_CLASSES: tuple[str, ...] = ("ed", "et", "ncr", "cyst", "haem", "net")
 
 #: Probability that a case has a second lesion (multifocal glioma).
 MULTIFOCAL_PROB = 0.15
-
-#: Probability that a necrotic glioblastoma core is crossed by enhancing septa (multiloculated).
-SEPTA_PROB = 0.5
 
 
 @dataclass
@@ -214,17 +211,9 @@ def _core_parts(rng: np.random.Generator, plan: LesionPlan, d: np.ndarray, amp: 
             w["cyst"], w["net"] = cyst, core_w - cyst
     elif plan.kind == "gbm":
         thick = float(rng.uniform(2.0, 4.0) if plan.interior == "cystic" else rng.uniform(2.0, 7.0))
-        # A glioblastoma's wall is mostly irregular ("shaggy"): nodules and thick and thin parts.
-        nodular = float(rng.choice([0.0, rng.uniform(0.3, 1.5)], p=[0.25, 0.75]))
+        nodular = float(rng.choice([0.0, rng.uniform(0.3, 1.0)], p=[0.5, 0.5]))
         rim_mm = thick * (1.0 + nodular * np.abs(smooth_noise(rng, shape, spacing=max(4.0, mean_r / 2.0))))
         interior = inner_part(rim_mm)
-        if plan.interior == "necrotic" and rng.random() < SEPTA_PROB:
-            # Enhancing septa and strands across the necrosis: a multiloculated core.
-            spacing = max(5.0, mean_r / float(rng.uniform(1.0, 2.0)))
-            f = smooth_noise(rng, shape, spacing=spacing)  # septa where it crosses zero, 1.5-3 mm thick
-            septa = np.clip(1.0 - np.abs(f) / np.float32(rng.uniform(0.75, 1.5) / spacing), 0.0, 1.0)
-            septa *= _coverage(rng, shape, max(5.0, mean_r / 2.0), float(rng.uniform(0.4, 1.0)))
-            interior = interior * (1.0 - septa)
         rim = core_w - interior
         if rng.random() < 0.35:  # incomplete enhancement: part of the wall does not enhance
             enh = _coverage(rng, shape, max(5.0, mean_r / 2.0), float(rng.uniform(0.5, 0.9)))
@@ -256,7 +245,7 @@ def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brai
     2 mm resolution (fast in white matter, :func:`_edema_score`), cut with a noisy threshold;
     the core (:func:`_core_parts`) and the labels are drawn at 1 mm.
     """
-    amp = float(rng.uniform(0.10, 0.40))  # boundary roughness (lobulation), fraction of the radius
+    amp = float(rng.uniform(0.10, 0.30))  # boundary roughness, fraction of the radius
     score, f_lo, f_hi = _edema_score(rng, plan, wm, brain, amp)
     box = tuple(slice(int(a), int(b)) for a, b in zip(f_lo, f_hi))
     shape = tuple(int(v) for v in f_hi - f_lo)
