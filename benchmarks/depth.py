@@ -5,8 +5,11 @@
 
 For every reference voxel of TC and ET, its distance (mm) to the edge of the brain (the non-zero
 voxels of T1ce); per distance band, the share of those voxels the prediction has, and the share
-of the region's voxels in the band, pooled over the cases. ``--refs``: a folder of reference label
-files (``<id>-seg.nii.gz``), else each case's own label. Predictions are ``<pred>/<id>.nii.gz``.
+of the region's voxels in the band, pooled over the cases. Then how the reference's tumour looks
+per band: the median of the enhancing tumour on T1ce and of the edema (WT without TC) on FLAIR,
+relative to the case's normal white matter (the brightest 30 % on T1 of the brain outside the
+tumour). ``--refs``: a folder of reference label files (``<id>-seg.nii.gz``), else each case's
+own label. Predictions are ``<pred>/<id>.nii.gz``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = label_files(args.refs) if args.refs else None
     found = np.zeros((2, len(BANDS) - 1))
     total = np.zeros((2, len(BANDS) - 1))
+    looks: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in BANDS[1:]] for name in ("ET on T1ce", "edema on FLAIR")}
     for case in discover_cases(args.cases).cases:
         label = refs[case.case_id][0] if refs and case.case_id in refs else case.label
         pred_path = args.pred / f"{case.case_id}.nii.gz"
@@ -48,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         depth = ndimage.distance_transform_edt(np.asarray(t1ce.dataobj) > 0, sampling=t1ce.header.get_zooms()[:3])
         ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
         pred = release_to_regions(np.asarray(nib.load(str(pred_path)).dataobj), case.labels)
+        images = {m: np.asarray(nib.load(str(case.images[MODALITIES.index(m)])).dataobj, dtype=np.float32) for m in ("t1", "t1ce", "flair")}
+        healthy = (depth > 0) & ~ref[REGION_NAMES.index("WT")]
+        wm = healthy & (images["t1"] > np.percentile(images["t1"][healthy], 70))
+        edema = ref[REGION_NAMES.index("WT")] & ~ref[REGION_NAMES.index("TC")]
         for k, r in enumerate((REGION_NAMES.index("TC"), REGION_NAMES.index("ET"))):
             for b in range(len(BANDS) - 1):
-                band = ref[r] & (depth >= BANDS[b]) & (depth < BANDS[b + 1])
+                in_band = (depth >= BANDS[b]) & (depth < BANDS[b + 1])
+                band = ref[r] & in_band
                 total[k, b] += band.sum()
                 found[k, b] += (band & pred[r]).sum()
+                if k == 1:
+                    looks["ET on T1ce"][b].append(images["t1ce"][band] / np.median(images["t1ce"][wm]))
+                    looks["edema on FLAIR"][b].append(images["flair"][edema & in_band] / np.median(images["flair"][wm]))
     labels = [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
     print(f"{'':<22}" + "".join(f"{x:>11}" for x in labels))
     for k, name in enumerate(("TC", "ET")):
@@ -60,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         sens = np.divide(found[k], total[k], out=np.full_like(found[k], np.nan), where=total[k] > 0)
         print(f"{name + ' sensitivity':<22}" + "".join(f"{v:>11.2f}" for v in sens))
         print(f"{name + ' share of voxels':<22}" + "".join(f"{v:>11.2f}" for v in share))
+    print("median, x white matter:")
+    for name, per_band in looks.items():
+        values = [np.concatenate(v) if v else np.zeros(0) for v in per_band]
+        print(f"{name:<22}" + "".join(f"{np.median(v):>11.2f}" if v.size else f"{'-':>11}" for v in values))
     return 0
 
 

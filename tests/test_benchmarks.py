@@ -72,6 +72,11 @@ def test_depth_benchmark_runs(tmp_path: Path) -> None:
     rows = {line[:22].strip(): line[22:].split() for line in proc.stdout.splitlines()[1:]}
     assert {float(v) for v in rows["TC sensitivity"] if v != "nan"} == {1.0}
     assert sum(float(v) for v in rows["TC share of voxels"]) == pytest.approx(1.0, abs=0.02)
+    # how the tumour looks per band (x white matter; "-" where a band has none of it)
+    for name in ("ET on T1ce", "edema on FLAIR"):
+        assert len(rows[name]) == len(rows["ET sensitivity"]), rows
+        values = [float(v) for v in rows[name] if v != "-"]
+        assert values and all(v > 0 for v in values), rows
 
 
 def test_readers_benchmark_runs(tmp_path: Path) -> None:
