@@ -48,23 +48,25 @@ def main(argv: list[str] | None = None) -> int:
         pred_path = args.pred / f"{case.case_id}.nii.gz"
         if label is None or not pred_path.is_file():
             continue
-        t1ce = nib.load(str(case.images[MODALITIES.index("t1ce")]))
-        depth = ndimage.distance_transform_edt(np.asarray(t1ce.dataobj) > 0, sampling=t1ce.header.get_zooms()[:3])
+        loaded = {m: nib.load(str(case.images[MODALITIES.index(m)])) for m in ("t1", "t1ce", "flair")}
+        images = {m: np.asarray(img.dataobj, dtype=np.float32) for m, img in loaded.items()}
+        depth = ndimage.distance_transform_edt(images["t1ce"] > 0, sampling=loaded["t1ce"].header.get_zooms()[:3])
         ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
         pred = release_to_regions(np.asarray(nib.load(str(pred_path)).dataobj), case.labels)
-        images = {m: np.asarray(nib.load(str(case.images[MODALITIES.index(m)])).dataobj, dtype=np.float32) for m in ("t1", "t1ce", "flair")}
-        healthy = (depth > 0) & ~ref[REGION_NAMES.index("WT")]
-        wm = healthy & (images["t1"] > np.percentile(images["t1"][healthy], 70))
-        edema = ref[REGION_NAMES.index("WT")] & ~ref[REGION_NAMES.index("TC")]
+        bands = [(depth >= BANDS[b]) & (depth < BANDS[b + 1]) for b in range(len(BANDS) - 1)]
         for k, r in enumerate((REGION_NAMES.index("TC"), REGION_NAMES.index("ET"))):
-            for b in range(len(BANDS) - 1):
-                in_band = (depth >= BANDS[b]) & (depth < BANDS[b + 1])
+            for b, in_band in enumerate(bands):
                 band = ref[r] & in_band
                 total[k, b] += band.sum()
                 found[k, b] += (band & pred[r]).sum()
-                if k == 1:
-                    looks["ET on T1ce"][b].append(images["t1ce"][band] / np.median(images["t1ce"][wm]))
-                    looks["edema on FLAIR"][b].append(images["flair"][edema & in_band] / np.median(images["flair"][wm]))
+        # How the reference tumour looks per band, relative to normal white matter.
+        wt, tc, et = (ref[REGION_NAMES.index(name)] for name in ("WT", "TC", "ET"))
+        healthy = (depth > 0) & ~wt
+        wm = healthy & (images["t1"] > np.percentile(images["t1"][healthy], 70))
+        for name, modality, part in (("ET on T1ce", "t1ce", et), ("edema on FLAIR", "flair", wt & ~tc)):
+            scale = np.median(images[modality][wm])
+            for b, in_band in enumerate(bands):
+                looks[name][b].append(images[modality][part & in_band] / scale)
     labels = [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
     print(f"{'':<22}" + "".join(f"{x:>11}" for x in labels))
     for k, name in enumerate(("TC", "ET")):

@@ -413,4 +413,3 @@ def test_write_dataset_with_workers_equals_one_worker(tmp_path: Path) -> None:
             a, _ = _load(path)
             b, _ = _load(tmp_path / "two" / cid / path.name)
             np.testing.assert_array_equal(a, b)
-
