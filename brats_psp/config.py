@@ -120,7 +120,7 @@ class ModelConfig:
     decoder: Literal["progressive", "bilinear"] = "progressive"
     output: Literal["sigmoid", "softmax"] = "sigmoid"
     class_head: bool = True
-    deep_supervision: bool = False
+    deep_supervision: bool = True  # the PSPNet auxiliary head on layer 3 (training only)
     dropout: float = 0.1
     decoder_channels: list[int] | None = None  # progressive decoder widths; None: derived from psp_channels
 

@@ -221,7 +221,7 @@ def test_build_network_defaults_and_seed():
     model = build_network({}, in_channels=4)
     assert isinstance(model, PSPNet)
     assert model.backbone.depth == 18 and model.backbone.width == 16
-    assert model.output == "sigmoid" and model.class_head is not None and model.aux_head is None
+    assert model.output == "sigmoid" and model.class_head is not None and model.aux_head is not None
     default = build_network(load_config(REPO / "configs" / "default.yaml").model, in_channels=4)
     assert count_parameters(default) == count_parameters(model) == count_parameters(build_network(ModelConfig(), 4))
     seed = build_network({"name": "seed_pspnet", "depth": 18, "width": 8}, in_channels=4)
