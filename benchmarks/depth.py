@@ -8,7 +8,8 @@ voxels of T1ce); per distance band, the share of those voxels the prediction has
 of the region's voxels in the band, pooled over the cases. Then how the reference's tumour looks
 per band: the median of the enhancing tumour on T1ce and of the edema (WT without TC) on FLAIR,
 relative to the case's normal white matter (the brightest 30 % on T1 of the brain outside the
-tumour). ``--refs``: a folder of reference label files (``<id>-seg.nii.gz``), else each case's
+tumour), and how heterogeneous each case's edema is on T2 and FLAIR (its interquartile range over
+its median). ``--refs``: a folder of reference label files (``<id>-seg.nii.gz``), else each case's
 own label. Predictions are ``<pred>/<id>.nii.gz``.
 """
 
@@ -43,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     found = np.zeros((2, len(BANDS) - 1))
     total = np.zeros((2, len(BANDS) - 1))
     looks: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in BANDS[1:]] for name in ("ET on T1ce", "edema on FLAIR")}
+    spread: dict[str, list[float]] = {"t2": [], "flair": []}  # per case: the edema's IQR / median
     for case in discover_cases(args.cases).cases:
         label = refs[case.case_id][0] if refs and case.case_id in refs else case.label
         pred_path = args.pred / f"{case.case_id}.nii.gz"
         if label is None or not pred_path.is_file():
             continue
-        loaded = {m: nib.load(str(case.images[MODALITIES.index(m)])) for m in ("t1", "t1ce", "flair")}
+        loaded = {m: nib.load(str(case.images[MODALITIES.index(m)])) for m in ("t1", "t1ce", "t2", "flair")}
         images = {m: np.asarray(img.dataobj, dtype=np.float32) for m, img in loaded.items()}
         depth = ndimage.distance_transform_edt(images["t1ce"] > 0, sampling=loaded["t1ce"].header.get_zooms()[:3])
         ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             scale = np.median(images[modality][wm])
             for b, in_band in enumerate(bands):
                 looks[name][b].append(images[modality][part & in_band] / scale)
+        if (wt & ~tc).sum() >= 100:
+            for modality, values in spread.items():
+                q1, q2, q3 = np.percentile(images[modality][wt & ~tc], (25, 50, 75))
+                values.append(float((q3 - q1) / q2))
     labels = [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
     print(f"{'':<22}" + "".join(f"{x:>11}" for x in labels))
     for k, name in enumerate(("TC", "ET")):
@@ -78,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, per_band in looks.items():
         values = [np.concatenate(v) if v else np.zeros(0) for v in per_band]
         print(f"{name:<22}" + "".join(f"{np.median(v):>11.2f}" if v.size else f"{'-':>11}" for v in values))
+    for modality, values in spread.items():
+        if values:
+            print(f"edema IQR / median on {modality}, per case: median {np.median(values):.2f}, range {min(values):.2f}-{max(values):.2f} ({len(values)} case(s))")
     return 0
 
 

@@ -77,6 +77,10 @@ def test_depth_benchmark_runs(tmp_path: Path) -> None:
         assert len(rows[name]) == len(rows["ET sensitivity"]), rows
         values = [float(v) for v in rows[name] if v != "-"]
         assert values and all(v > 0 for v in values), rows
+    # and how heterogeneous the edema is, per case, on T2 and FLAIR
+    spread = [line for line in proc.stdout.splitlines() if line.startswith("edema IQR / median on")]
+    assert [line.split()[5] for line in spread] == ["t2,", "flair,"], proc.stdout
+    assert all(float(line.split()[9].rstrip(",")) >= 0.0 and line.endswith("(1 case(s))") for line in spread), spread
 
 
 def test_readers_benchmark_runs(tmp_path: Path) -> None:
