@@ -63,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                 found[k, b] += (band & pred[r]).sum()
         # How the reference tumour looks per band, relative to normal white matter.
         wt, tc, et = (ref[REGION_NAMES.index(name)] for name in ("WT", "TC", "ET"))
+        edema = wt & ~tc
         healthy = (depth > 0) & ~wt
         wm = healthy & (images["t1"] > np.percentile(images["t1"][healthy], 70))
-        for name, modality, part in (("ET on T1ce", "t1ce", et), ("edema on FLAIR", "flair", wt & ~tc)):
+        for name, modality, part in (("ET on T1ce", "t1ce", et), ("edema on FLAIR", "flair", edema)):
             scale = np.median(images[modality][wm])
             for b, in_band in enumerate(bands):
                 looks[name][b].append(images[modality][part & in_band] / scale)
-        if (wt & ~tc).sum() >= 100:
+        if edema.sum() >= 100:
             for modality, values in spread.items():
-                q1, q2, q3 = np.percentile(images[modality][wt & ~tc], (25, 50, 75))
+                q1, q2, q3 = np.percentile(images[modality][edema], (25, 50, 75))
                 values.append(float((q3 - q1) / q2))
     labels = [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
     print(f"{'':<22}" + "".join(f"{x:>11}" for x in labels))
