@@ -6,7 +6,10 @@ A checkpoint is a plain dict of tensors and primitive values, loaded with
 Keys: ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (last
 completed, 0-based), ``best_metric``, ``best_epoch``, ``rng``, ``config`` (the resolved
 config as a dict), ``preprocessing`` (what inference must repeat), ``run_id`` (MLflow),
-``history`` (per-epoch metrics), ``format_version``.
+``history`` (per-epoch metrics), ``format_version``. With ``train.ema_decay`` set, ``model``
+is the moving average of the weights (what validation scored and inference uses) and
+``train_model`` / ``ema_updates`` are the training network's weights and the average's count,
+for resuming.
 
 :func:`resolve_checkpoint` is the one way from what a user names (a file, a run folder, an
 MLflow run ID or model URI) to a checkpoint file: ``train --resume`` asks it for ``last.pt``,

@@ -171,6 +171,7 @@ class TrainConfig:
     num_workers: int = -1  # data-loader processes; -1: auto (see brats_psp.training.loader_workers)
     output_dir: str = "outputs"
     calibrate_threshold: bool = True  # after training: per-region thresholds that maximise validation Dice -> infer.region_thresholds
+    ema_decay: float = 0.0  # > 0: validate, checkpoint and infer with a moving average of the weights (brats_psp.averaging); 0 disables
 
     def validate(self) -> None:
         for key in ("epochs", "slices_per_epoch", "batch_size", "val_every"):
@@ -180,6 +181,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), ">= 0")
         _check(self.num_workers >= -1, "train.num_workers", self.num_workers, ">= 0, or -1 for auto")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1) (0 disables)")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from brats_psp.averaging import WeightEMA
 from brats_psp.checkpoint import build_model_from_checkpoint, config_of, load_checkpoint, resolve_checkpoint, save_checkpoint
 from brats_psp.config import Config, config_to_dict, save_config
 from brats_psp.cpus import available_cores
@@ -319,6 +320,13 @@ class Trainer:
     scaler: torch.amp.GradScaler
     cfg: Config
     runtime: Runtime
+    ema: WeightEMA | None = None  # the moving average of the weights (train.ema_decay > 0)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that validation and checkpoints' ``model`` use: the moving average of
+        the weights when there is one, else the training network."""
+        return self.ema.module if self.ema is not None else self.model
 
     @classmethod
     def build(cls, cfg: Config, runtime: Runtime, steps_per_epoch: int) -> Trainer:
@@ -333,18 +341,27 @@ class Trainer:
             scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16),
             cfg=cfg,
             runtime=runtime,
+            ema=WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": _unwrap(self.model).state_dict(),
+        """``model`` is what inference loads (the averaged weights when there are some); with an
+        average, ``train_model`` and ``ema_updates`` hold what resuming needs besides."""
+        state = {
+            "model": _unwrap(self.eval_model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        if self.ema is not None:
+            state["train_model"] = _unwrap(self.model).state_dict()
+            state["ema_updates"] = self.ema.updates
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _unwrap(self.model).load_state_dict(state["model"])
+        _unwrap(self.model).load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:
+            self.ema.load_state_dict({"model": state["model"], "updates": state.get("ema_updates", 0)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -366,6 +383,8 @@ def train_step(trainer: Trainer, batch: dict[str, torch.Tensor]) -> LossTerms:
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update(_unwrap(t.model))
     return terms
 
 
@@ -574,7 +593,7 @@ def run_epoch(run: TrainingRun, epoch: int, progress: bool) -> dict[str, float]:
     metrics = _train_epoch(run.trainer, run.loader, epoch, progress)
     improved = False
     if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
-        val, example = validate(run.trainer.model, run.data.val_dirs, cfg, runtime, progress)
+        val, example = validate(run.trainer.eval_model, run.data.val_dirs, cfg, runtime, progress)
         metrics.update(val)
         improved = val["val/dice_mean"] > run.best
         if improved:
