@@ -8,6 +8,8 @@
 * **in memory**: the same number of steps on the same batches, augmented and on the device
   beforehand (the network's step alone);
 * the ratio (goal ≥ 0.9: the data path never starves the network);
+* **in memory, with a moving average**: the same steps with the weights' moving average
+  (``train.ema_decay``) updated after each, and its ratio to the steps without;
 * preprocessing throughput in cases/s, cold (an empty cache) and cached (a second run that
   verifies and reuses every entry).
 
@@ -29,6 +31,7 @@ import torch
 
 from common import machine, section, table, write_result  # noqa: I001
 
+from brats_psp.averaging import WeightEMA
 from brats_psp.config import load_config
 from brats_psp.data.augment import BatchAugment
 from brats_psp.data.builtin import ensure_demo_dataset
@@ -93,21 +96,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed_loader_epoch(loader, 0, cfg, runtime)
             memory = list(augmented_batches(loader, augment, 0, cfg, runtime))
             steps(memory[:5])
-        data_path, in_memory = [], []
+        ema = WeightEMA(trainer.model, cfg.train.ema_decay or 0.998)
+        data_path, in_memory, with_ema = [], [], []
         for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
             with section(f"round {r + 1}: data path, then in memory"):
                 seed_loader_epoch(loader, r + 1, cfg, runtime)
                 data_path.append(steps(augmented_batches(loader, augment, r + 1, cfg, runtime)))
                 in_memory.append(steps(memory))
-                print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s")
+                trainer.ema, saved = ema, trainer.ema
+                with_ema.append(steps(memory))
+                trainer.ema = saved
+                print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s ({with_ema[-1]:.1f} with the moving average)")
         shutil.rmtree(cache, ignore_errors=True)
 
     ratio = sum(data_path) / sum(in_memory)
-    result.update({"slices_per_s": {"data_path": data_path, "in_memory": in_memory}, "ratio_data_path_over_in_memory": ratio})
+    ema_ratio = sum(with_ema) / sum(in_memory)
+    result.update({"slices_per_s": {"data_path": data_path, "in_memory": in_memory, "in_memory_with_ema": with_ema},
+                   "ratio_data_path_over_in_memory": ratio, "ratio_ema_over_in_memory": ema_ratio})
     rows = [
         ["training, data path", sum(data_path) / len(data_path), "slices/s"],
         ["training, batches in memory", sum(in_memory) / len(in_memory), "slices/s"],
         ["ratio data path / in memory", ratio, "(goal ≥ 0.9)"],
+        ["training, in memory, with the moving average", sum(with_ema) / len(with_ema), "slices/s"],
+        ["ratio with / without the moving average", ema_ratio, ""],
         ["preprocessing, cold", result["preprocess_cases_per_s"]["cold"], "cases/s"],
         ["preprocessing, cached", result["preprocess_cases_per_s"]["cached"], "cases/s"],
     ]
