@@ -13,7 +13,7 @@ from brats_psp.averaging import WeightEMA
 from brats_psp.checkpoint import build_model_from_checkpoint, load_checkpoint
 from brats_psp.config import ConfigError
 from brats_psp.training import train
-from tests.test_training import Crash, smoke_config, tiny_data  # noqa: F401 (the fixture)
+from tests.test_training import crash_after_first_epoch_then_resume, smoke_config, tiny_data  # noqa: F401 (the fixture)
 
 
 def _net() -> nn.Module:
@@ -72,17 +72,7 @@ def test_training_with_an_average_checkpoints_it_and_resumes_exactly(tiny_data: 
     assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"] if last["model"][k].is_floating_point())
     build_model_from_checkpoint(load_checkpoint(full.best_checkpoint))  # best.pt builds as any checkpoint
 
-    def crash_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        if epoch == 0:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        train(cfg, data=tiny_data, progress=False, on_epoch_end=crash_after_first_epoch)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    failed = [r for r in client.search_runs([client.get_experiment_by_name("brats_psp").experiment_id]) if r.info.status == "FAILED"]
-    resumed = train(cfg, resume=failed[0].info.run_id, progress=False)
+    resumed = crash_after_first_epoch_then_resume(cfg, tiny_data)
     again = load_checkpoint(resumed.last_checkpoint)
     assert again["ema_updates"] == last["ema_updates"]
     for key in ("model", "train_model"):

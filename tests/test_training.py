@@ -15,7 +15,7 @@ from brats_psp.checkpoint import CheckpointError, config_of, load_checkpoint, sa
 from brats_psp.config import Config, apply_overrides, config_to_dict, load_config
 from brats_psp.checkpoint import resolve_checkpoint
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import CALIBRATION_GRID, finish_run, log_run_setup, prepare_data, run_epoch, start_run, train
+from brats_psp.training import CALIBRATION_GRID, TrainResult, finish_run, log_run_setup, prepare_data, run_epoch, start_run, train
 from tests.conftest import REPO, write_case
 
 
@@ -104,23 +104,30 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = smoke_config(tmp_path, "train.epochs=3", "train.deterministic=true", "train.val_every=2")
-    full = train(cfg, data=tiny_data, progress=False)
+def crash_after_first_epoch_then_resume(cfg: Config, data: Path) -> TrainResult:
+    """Train with ``cfg`` until a crash after the first epoch (the MLflow run then FAILED), and
+    resume that run by its ID to the end."""
 
     def crash_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch == 0:
             raise Crash("simulated crash")
 
     with pytest.raises(Crash):
-        train(cfg, data=tiny_data, progress=False, on_epoch_end=crash_after_first_epoch)
+        train(cfg, data=data, progress=False, on_epoch_end=crash_after_first_epoch)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     crashed = [r for r in client.search_runs([client.get_experiment_by_name("brats_psp").experiment_id]) if r.info.status == "FAILED"]
     assert len(crashed) == 1
-    run_id = crashed[0].info.run_id
+    resumed = train(cfg, resume=crashed[0].info.run_id, progress=False)
+    assert resumed.run_id == crashed[0].info.run_id  # the same MLflow run goes on
+    return resumed
 
-    resumed = train(cfg, resume=run_id, progress=False)
-    assert resumed.run_id == run_id
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = smoke_config(tmp_path, "train.epochs=3", "train.deterministic=true", "train.val_every=2")
+    full = train(cfg, data=tiny_data, progress=False)
+    resumed = crash_after_first_epoch_then_resume(cfg, tiny_data)
+    run_id = resumed.run_id
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
     a = load_checkpoint(full.last_checkpoint)["model"]
