@@ -9,7 +9,8 @@
   beforehand (the network's step alone);
 * the ratio (goal ≥ 0.9: the data path never starves the network);
 * **in memory, with a moving average**: the same steps with the weights' moving average
-  (``train.ema_decay``) updated after each, and its ratio to the steps without;
+  (``train.ema_decay``) updated after each, and its ratio to the steps without (the data path
+  and in-memory steps run without one, whatever the config says);
 * preprocessing throughput in cases/s, cold (an empty cache) and cached (a second run that
   verifies and reuses every entry).
 
@@ -96,16 +97,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed_loader_epoch(loader, 0, cfg, runtime)
             memory = list(augmented_batches(loader, augment, 0, cfg, runtime))
             steps(memory[:5])
-        ema = WeightEMA(trainer.model, cfg.train.ema_decay or 0.998)
+        # the plain steps run without a moving average, even when the config asks for one
+        ema, trainer.ema = trainer.ema or WeightEMA(trainer.model, 0.998), None
         data_path, in_memory, with_ema = [], [], []
         for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
             with section(f"round {r + 1}: data path, then in memory"):
                 seed_loader_epoch(loader, r + 1, cfg, runtime)
                 data_path.append(steps(augmented_batches(loader, augment, r + 1, cfg, runtime)))
                 in_memory.append(steps(memory))
-                trainer.ema, saved = ema, trainer.ema
+                trainer.ema = ema
                 with_ema.append(steps(memory))
-                trainer.ema = saved
+                trainer.ema = None
                 print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s ({with_ema[-1]:.1f} with the moving average)")
         shutil.rmtree(cache, ignore_errors=True)
 
