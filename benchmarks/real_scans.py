@@ -2,6 +2,7 @@
 
     python benchmarks/real_scans.py --model outputs/<run id>/checkpoints/best.pt
     python benchmarks/real_scans.py --model <run id> --real ../shared/data/real --out benchmarks/results/real_scans infer.tta=true
+    python benchmarks/real_scans.py --model <run A> --model <run B>   # an ensemble, as `infer` segments with one
 
 ``--real`` (default ``../shared/data/real``) holds case folders in any BraTS layout; a
 reference segmentation of case ``<id>`` is looked for in ``--refs`` (default
@@ -37,8 +38,7 @@ from brats_psp.config import apply_overrides  # noqa: E402
 from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.labels import REGION_NAMES, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
-from brats_psp.checkpoint import load_model  # noqa: E402
-from brats_psp.segment import segment_cases  # noqa: E402
+from brats_psp.segment import ensemble_infer_config, load_models, segment_cases  # noqa: E402
 
 log = logging.getLogger("real_scans")
 
@@ -118,15 +118,16 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def run(model: str, real: Path, refs: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
-    """Segment, score and draw every case under ``real``; return (and write) the results."""
-    loaded = load_model(model)
-    cfg = apply_overrides(loaded.config, overrides).infer if overrides else loaded.config.infer
+def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """Segment (with one model or an ensemble), score and draw every case under ``real``; return (and write) the results."""
+    models = load_models(model)
+    base = dataclasses.replace(models[0].config, infer=ensemble_infer_config(models))
+    cfg = apply_overrides(base, overrides).infer if overrides else base.infer
     found = discover_cases(real)
     if not found.cases:
         raise SystemExit(f"no cases found under {real}")
     pred_dir = out / "predictions"
-    result = segment_cases(loaded, real, pred_dir, cfg, progress=True)
+    result = segment_cases(models, real, pred_dir, cfg, progress=True)
     rows, scored = [], {}
     for case in found.cases:
         pred = result.written.get(case.case_id)
@@ -142,9 +143,9 @@ def run(model: str, real: Path, refs: Path, out: Path, overrides: list[str]) -> 
         for region in REGION_NAMES
     } if scored else {}
     summary = {
-        "model": model,
-        "checkpoint": str(loaded.checkpoint),
-        "run_id": loaded.run_id,
+        "model": model if isinstance(model, str) or len(model) > 1 else model[0],
+        "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
+        "run_id": models[0].run_id if len(models) == 1 else [m.run_id for m in models],
         "infer": dataclasses.asdict(cfg),
         "cases": [c.case_id for c in found.cases],
         "scored": scored,
@@ -159,7 +160,7 @@ def run(model: str, real: Path, refs: Path, out: Path, overrides: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="checkpoint, MLflow run id or model URI")
+    ap.add_argument("--model", required=True, action="append", help="checkpoint, MLflow run id or model URI; repeated: an ensemble")
     ap.add_argument("--real", type=Path, default=DEFAULT_REAL, help="folder of real cases (default ../shared/data/real)")
     ap.add_argument("--refs", type=Path, help="folder of reference segmentations (default <real>/references)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_scans")

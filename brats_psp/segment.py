@@ -12,6 +12,11 @@ affine and header), written atomically. A case that fails is reported by name; t
 (``runs:/<run id>/model``, ``models:/<name>/<version>``), resolved to the run's
 ``checkpoints/best.pt`` by :func:`brats_psp.checkpoint.load_model`, so every path loads with
 ``weights_only=True``.
+
+Several models (``infer --model A --model B``: the folds or seeds of a recipe, as nnU-Net
+ensembles its five folds) segment as one: each predicts the region probabilities with its own
+output mode and 2.5D context, and their mean is thresholded (:func:`load_models`,
+:func:`ensemble_infer_config`). They must preprocess alike (the same ``data.spacing``).
 """
 
 from __future__ import annotations
@@ -46,15 +51,50 @@ from brats_psp.checkpoint import LoadedModel, load_model
 from brats_psp.config import InferConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, open_nifti, volume_transforms
-from brats_psp.errors import CaseError, check_case_id
+from brats_psp.errors import CaseError, CheckpointError, check_case_id
 from brats_psp.inference import above_threshold, predict_volume, probabilities_to_tissue
 from brats_psp.io import ensure_writable_dir, save_nifti, write_json
 from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
-__all__ = ["SegmentResult", "PreparedCase", "prepare_case", "predict_case", "write_case", "segment_case", "segment_cases", "postprocess"]
+__all__ = [
+    "PreparedCase", "SegmentResult", "ensemble_infer_config", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
+    "segment_cases", "write_case",
+]
 
 log = logging.getLogger(__name__)
+
+#: What ``segment_cases`` takes as its model: one, or several segmenting as an ensemble.
+ModelSpec = str | os.PathLike | LoadedModel
+Models = ModelSpec | Sequence[ModelSpec]
+
+
+def load_models(model: Models, tracking_uri: str | None = None) -> list[LoadedModel]:
+    """One model, or the models of an ensemble, loaded (:func:`~brats_psp.checkpoint.load_model`).
+
+    Raises:
+        CheckpointError: no model, or models that preprocess differently (``data.spacing``):
+            one preprocessed volume feeds them all.
+    """
+    items = [model] if isinstance(model, (str, os.PathLike, LoadedModel)) else list(model)
+    if not items:
+        raise CheckpointError("no model given")
+    loaded = [m if isinstance(m, LoadedModel) else load_model(m, tracking_uri) for m in items]
+    if len({tuple(float(s) for s in m.config.data.spacing) for m in loaded}) > 1:
+        spacings = ", ".join(f"{m.checkpoint}: {list(m.config.data.spacing)} mm" for m in loaded)
+        raise CheckpointError(f"the models of an ensemble must be trained at the same data.spacing; got {spacings}")
+    return loaded
+
+
+def ensemble_infer_config(models: Sequence[LoadedModel]) -> InferConfig:
+    """The ``infer`` settings of one model, or of an ensemble: the first model's, with each
+    region's threshold the mean of the models' (their calibrated ``infer.region_thresholds``,
+    else ``infer.threshold``)."""
+    cfg = models[0].config.infer
+    per_model = [m.config.infer.thresholds for m in models]
+    if len(models) == 1 or all(t == per_model[0] for t in per_model):
+        return cfg
+    return dataclasses.replace(cfg, region_thresholds=[round(float(np.mean(t)), 4) for t in zip(*per_model)])
 
 
 @dataclass
@@ -208,23 +248,29 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
     return out
 
 
-def segment_case(case: Case, loaded: LoadedModel, out_dir: Path, cfg: InferConfig, runtime: Runtime) -> Path:
-    """Segment one case and write ``out_dir/<case_id>.nii.gz``; return its path.
+def segment_case(case: Case, loaded: LoadedModel | Sequence[LoadedModel], out_dir: Path, cfg: InferConfig, runtime: Runtime) -> Path:
+    """Segment one case with a model or an ensemble and write ``out_dir/<case_id>.nii.gz``; return its path.
 
     Raises:
         CaseError: the case's files are unusable (named in the message).
     """
-    prepared = prepare_case(case, loaded.config.data.spacing)
+    spacing = (loaded if isinstance(loaded, LoadedModel) else loaded[0]).config.data.spacing
+    prepared = prepare_case(case, spacing)
     if isinstance(prepared, CaseError):
         raise prepared
-    return write_case(prepared, predict_case(loaded, prepared, cfg, runtime), loaded.config.data.spacing, out_dir, cfg)
+    return write_case(prepared, predict_case(loaded, prepared, cfg, runtime), spacing, out_dir, cfg)
 
 
-def predict_case(loaded: LoadedModel, prepared: PreparedCase, cfg: InferConfig, runtime: Runtime) -> torch.Tensor:
+def predict_case(loaded: LoadedModel | Sequence[LoadedModel], prepared: PreparedCase, cfg: InferConfig, runtime: Runtime) -> torch.Tensor:
     """Region probabilities (3, X, Y, Z) of a prepared case in the preprocessed space, with the
-    output mode and 2.5D context the model was trained with."""
-    train_cfg = loaded.config
-    return predict_volume(loaded.network, prepared.image.as_tensor(), cfg, runtime, train_cfg.model.output, train_cfg.data.context_slices)
+    output mode and 2.5D context each model was trained with; of several models, their mean."""
+    models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
+    total = None
+    for m in models:
+        probs = predict_volume(m.network, prepared.image.as_tensor(), cfg, runtime, m.config.model.output, m.config.data.context_slices)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(models) if len(models) > 1 else total
 
 
 def _reader_threads(threads: int) -> None:
@@ -289,7 +335,7 @@ def _record(result: SegmentResult, case_id: str, start: float, write: Callable[[
 
 
 def segment_cases(
-    model: str | LoadedModel,
+    model: Models,
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfg: InferConfig | None = None,
@@ -301,8 +347,12 @@ def segment_cases(
 ) -> SegmentResult:
     """Segment every case under ``input_path`` with ``model`` into ``out_dir``.
 
-    ``model`` is anything :func:`~brats_psp.checkpoint.load_model` takes, or a model it already loaded; ``cfg``
-    defaults to the ``infer`` section the model was trained with. With ``workers`` > 0, that
+    ``model`` is anything :func:`~brats_psp.checkpoint.load_model` takes, or a model it already
+    loaded, or a sequence of them: an ensemble (:func:`load_models`), whose mean region
+    probabilities are thresholded. ``cfg`` defaults to the ``infer`` section the model was
+    trained with (of an ensemble, :func:`ensemble_infer_config`). ``inference.json`` names the
+    model, its checkpoint and run; of an ensemble, the lists of models and checkpoints (and no
+    single run: ``evaluate --run`` chooses where its metrics go). With ``workers`` > 0, that
     many spawned processes read and preprocess the next cases while the network runs on the
     current one, and a thread writes each result in the background; the outputs, the log's
     order and ``inference.json`` are those of ``workers=0``, and a bad case still stops only
@@ -310,10 +360,12 @@ def segment_cases(
     BraTS 2023+ its task's, ``task`` forcing one), or in the one ``infer.labels`` names. A case's
     time counts from the start of its reading to the end of its writing.
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
-    cfg = cfg or loaded.config.infer
+    models = load_models(model, tracking_uri)
+    loaded = models[0]
+    cfg = cfg or ensemble_infer_config(models)
     runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, loaded.config.train.threads)
-    loaded.network.to(runtime.device)
+    for m in models:
+        m.network.to(runtime.device)
     out_dir = ensure_writable_dir(out_dir)
     found = discover_cases(input_path, layout, task=task)
     result = SegmentResult(failures=list(found.failures))
@@ -329,7 +381,7 @@ def segment_cases(
                 start = time.perf_counter()
             else:
                 start = time.perf_counter() - prepared.seconds
-                job = functools.partial(write_case, prepared, predict_case(loaded, prepared, cfg, runtime), spacing, out_dir, cfg)
+                job = functools.partial(write_case, prepared, predict_case(models, prepared, cfg, runtime), spacing, out_dir, cfg)
                 # with workers, written in the background while the network runs on the next case
                 outcome = job if writer is None else writer.submit(job).result
             if writer is None:
@@ -338,12 +390,17 @@ def segment_cases(
                 writing.append((case.case_id, start, outcome))
         for case_id, start, outcome in writing:  # in the order of the cases, as without workers
             _record(result, case_id, start, outcome)
+    if len(models) == 1:
+        named: dict[str, Any] = {"model": str(model if isinstance(model, (str, os.PathLike)) else loaded.checkpoint), "checkpoint": str(loaded.checkpoint), "run_id": loaded.run_id}
+    else:
+        specs = list(model)  # type: ignore[arg-type]  # several: a sequence
+        named = {
+            "model": [str(s if isinstance(s, (str, os.PathLike)) else m.checkpoint) for s, m in zip(specs, models)],
+            "checkpoint": [str(m.checkpoint) for m in models], "run_id": None, "run_ids": [m.run_id for m in models],
+        }
     write_json(
         out_dir / "inference.json",
-        {
-            "model": str(model if isinstance(model, str) else loaded.checkpoint), "checkpoint": str(loaded.checkpoint), "run_id": loaded.run_id,
-            "infer": dataclasses.asdict(cfg), "seconds_per_case": result.seconds, "failed": [str(f) for f in result.failures],
-        },
+        {**named, "infer": dataclasses.asdict(cfg), "seconds_per_case": result.seconds, "failed": [str(f) for f in result.failures]},
     )
     if result.seconds:
         log.info("segmented %d case(s), %.1f s per case on average", len(result.seconds), float(np.mean(list(result.seconds.values()))))

@@ -97,16 +97,20 @@ def train(args: argparse.Namespace) -> int:
 
 @stage("infer")
 def infer(args: argparse.Namespace) -> int:
-    from brats_psp.checkpoint import load_model
+    import dataclasses
+
     from brats_psp.config import apply_overrides
-    from brats_psp.segment import segment_cases
+    from brats_psp.segment import ensemble_infer_config, load_models, segment_cases
 
     not_infer = [o for o in args.overrides if not o.startswith("infer.")]
     if not_infer:
         raise ConfigError(f"infer takes only infer.* overrides (the rest comes from the model), got {not_infer}")
-    loaded = load_model(args.model, args.tracking_uri)
-    cfg = apply_overrides(loaded.config, args.overrides)
-    result = segment_cases(loaded, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers, task=args.task)
+    models = load_models(args.model, args.tracking_uri)
+    if len(models) > 1:
+        log.info("ensemble of %d models: %s", len(models), ", ".join(str(m.checkpoint) for m in models))
+    cfg = apply_overrides(dataclasses.replace(models[0].config, infer=ensemble_infer_config(models)), args.overrides)
+    model = models[0] if len(models) == 1 else models
+    result = segment_cases(model, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers, task=args.task)
     log.info("wrote %d segmentation(s) to %s", len(result.written), args.output)
     return _report_failures(result.failures, "inference")
 
@@ -243,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder or datalist (default: data.root, else the built-in synthetic set)")
     p.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT", help="continue a run from its last checkpoint")
     p = add("infer", "segment NIfTI cases with a trained model; writes OUT/<case>.nii.gz in the input's geometry (infer.* overrides)", config=False, overrides=True)
-    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    p.add_argument(
+        "--model", required=True, action="append",
+        help="checkpoint file, MLflow run ID, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>; "
+        "repeated (--model A --model B), an ensemble: the mean of their region probabilities is thresholded",
+    )
     p.add_argument("--input", required=True, help="case folder, dataset folder (any layout) or datalist JSON")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--layout", default="auto", help="force the input layout (brats2021, brats2023, msd)")

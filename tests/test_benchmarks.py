@@ -90,3 +90,21 @@ def test_readers_benchmark_runs(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["shape"] == [4, 240, 240, 155] and result["median_ratio_over_shipped"]["nibabel (shipped)"] == 1.0
     assert set(result["seconds"]) == {"nibabel (shipped)", "SimpleITK in the pipeline", "SimpleITK alone"}
+
+
+def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
+    """``real_scans.py --model A --model B`` segments with both (any folder of cases: here a
+    synthetic one with its reference beside it), and names both checkpoints in its results."""
+    import shutil
+
+    from tests.conftest import untrained_checkpoint, write_case
+
+    case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000")
+    (tmp_path / "real" / "references").mkdir()
+    shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
+    a, b = untrained_checkpoint(tmp_path / "a.pt"), untrained_checkpoint(tmp_path / "b.pt")
+    _run("real_scans.py", "--model", str(a), "--model", str(b), "--real", str(tmp_path / "real"), "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "real_scans.json").read_text())
+    assert result["checkpoint"] == [str(a), str(b)] and result["model"] == [str(a), str(b)]
+    assert set(result["scored"]["BraTS-GLI-00007-000"]) == {"WT", "TC", "ET"}
+    assert (tmp_path / "out" / "real_scans.png").is_file()

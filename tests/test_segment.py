@@ -314,3 +314,60 @@ def test_per_region_thresholds() -> None:
     assert isinstance(t, torch.Tensor) and t[:, :, 0, 0].tolist() == [[True, True, True, False], [False, True, True, False], [False, False, True, False]]
     cfg = load_config(None, ["infer.region_thresholds=[0.4,0.3,0.25]"]).infer
     assert cfg.thresholds == (0.4, 0.3, 0.25) and load_config(None, ["infer.threshold=0.45"]).infer.thresholds == (0.45,) * 3
+
+
+def _smoke_checkpoint(path: Path, seed: int, overrides: list[str]) -> Path:
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", *overrides])
+    torch.manual_seed(seed)
+    model = build_network(cfg.model, cfg.data.in_channels)
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None})
+    return path
+
+
+def test_an_ensemble_thresholds_the_mean_of_its_models_probabilities(tmp_path: Path) -> None:
+    from brats_psp.segment import ensemble_infer_config, load_models
+    from tests.conftest import run_cli
+
+    write_case(tmp_path / "in", "brats2021", "BraTS2021_00000")
+    a = _smoke_checkpoint(tmp_path / "a.pt", 0, ["infer.region_thresholds=[0.5,0.4,0.3]"])
+    b = _smoke_checkpoint(tmp_path / "b.pt", 1, ["data.context_slices=1", "infer.region_thresholds=[0.3,0.4,0.5]"])  # 2.5D: 12 channels
+    models = load_models([str(a), str(b)])
+    assert ensemble_infer_config(models).thresholds == (0.4, 0.4, 0.4)  # the mean of the models' own
+    cfg = load_config(None, ["infer.save_probabilities=true", "infer.roi_size=[32,32]", "infer.tta=false"]).infer
+    probs = {}
+    for name, model in (("a", str(a)), ("b", str(b)), ("ab", [str(a), str(b)])):
+        result = segment_cases(model, tmp_path / "in", tmp_path / name, cfg, progress=False)
+        assert not result.failures
+        probs[name] = np.asarray(nib.load(str(tmp_path / name / "BraTS2021_00000_probabilities.nii.gz")).dataobj)
+    assert np.abs(probs["a"] - probs["b"]).max() > 0.05  # two different models ...
+    np.testing.assert_allclose(probs["ab"], (probs["a"] + probs["b"]) / 2, atol=1e-5)  # ... and their mean
+    info = json.loads((tmp_path / "ab" / "inference.json").read_text())
+    assert info["checkpoint"] == [str(a), str(b)] and info["run_id"] is None
+    # the CLI: --model repeated; the labels are the mean's, thresholded at the mean thresholds
+    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false") == 0
+    labels = np.asarray(nib.load(str(tmp_path / "cli" / "BraTS2021_00000.nii.gz")).dataobj)
+    expected = np.zeros(labels.shape, np.uint8)
+    wt, tc, et = (probs["ab"][..., k] > 0.4 for k in range(3))
+    expected[wt], expected[tc], expected[et] = 2, 1, 4  # ET over TC over WT (labels.regions_to_tissue); BraTS 2021: ED 2, NCR 1, ET 4
+    assert (labels == expected).mean() > 0.999  # resampling only the tumour's box may differ at a few edge voxels
+    assert json.loads((tmp_path / "cli" / "inference.json").read_text())["infer"]["region_thresholds"] == [0.4, 0.4, 0.4]
+
+
+def test_an_ensemble_of_one_model_twice_segments_as_that_model(checkpoint: Path, tmp_path: Path) -> None:
+    write_case(tmp_path / "in", "brats2023", "BraTS-GLI-00003-000")
+    one = segment_cases(str(checkpoint), tmp_path / "in", tmp_path / "one", progress=False)
+    two = segment_cases([str(checkpoint), str(checkpoint)], tmp_path / "in", tmp_path / "two", progress=False)
+    path_one, path_two = one.written["BraTS-GLI-00003-000"], two.written["BraTS-GLI-00003-000"]
+    np.testing.assert_array_equal(np.asarray(nib.load(path_one).dataobj), np.asarray(nib.load(path_two).dataobj))
+
+
+def test_an_ensemble_of_models_trained_at_different_spacings_is_refused(tmp_path: Path) -> None:
+    from brats_psp.errors import CheckpointError
+    from brats_psp.segment import load_models
+
+    a = _smoke_checkpoint(tmp_path / "a.pt", 0, [])
+    b = _smoke_checkpoint(tmp_path / "b.pt", 0, ["data.spacing=[1.5,1.5,1.5]"])
+    with pytest.raises(CheckpointError, match=r"same data.spacing.*a\.pt.*2\.0.*b\.pt.*1\.5"):
+        load_models([str(a), str(b)])
+    with pytest.raises(CheckpointError, match="no model"):
+        load_models([])
