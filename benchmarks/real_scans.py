@@ -13,7 +13,11 @@ convention. Cases without one are segmented and drawn, not scored. Writes to ``-
 * ``real_scans.json``: per scored case Dice, HD95 (mm) and volumes (mL) of WT, TC and ET,
   predicted and reference, the mean over scored cases, the model and the infer settings;
 * ``real_scans.png``: one row per case (FLAIR, T1ce, the prediction, the reference) at the
-  slice with most reference tumour (else most predicted tumour).
+  slice with most reference tumour (else most predicted tumour);
+* ``without_contrast``: every case segmented again with its T1ce replaced by its T1, as if no
+  contrast agent had been given (``--no-contrast-check`` skips it). Nothing enhances there, so
+  the enhancing tumour predicted (``without_contrast`` in the JSON, in mL, beside the volumes
+  predicted with T1ce) is drawn from T2/FLAIR/T1 patterns alone: a check that needs no reference.
 
 Accuracy, not speed: nothing here is timed. Exits 0 with a message when ``--real`` is absent.
 """
@@ -118,7 +122,35 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
+def region_volumes(path: Path, release: str) -> dict[str, float]:
+    """Predicted volume (mL) of each region of a label file."""
+    labels, img = _ras(path)
+    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    regions = release_to_regions(labels, release)
+    return {region: float(regions[k].sum()) * voxel_ml for k, region in enumerate(REGION_NAMES)}
+
+
+def without_contrast(models: Any, cases: list[Any], out: Path, cfg: Any) -> dict[str, dict[str, float]]:
+    """Segment each case (four files) with its T1ce file replaced by its T1 (symbolic links under
+    ``out/input``); the region volumes (mL) predicted per case."""
+    folder = out / "input"
+    for case in cases:
+        if len(case.images) != 4:  # one 4D file (MSD): no contrast to swap by name
+            continue
+        case_dir = folder / case.case_id
+        case_dir.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(case.images):
+            link = case_dir / image.name
+            link.unlink(missing_ok=True)
+            link.symlink_to((case.images[0] if k == 1 else image).resolve())  # MODALITIES order: T1, T1ce, T2, FLAIR
+    if not folder.is_dir():
+        return {}
+    result = segment_cases(models, folder, out / "predictions", cfg, progress=False)
+    labels = {c.case_id: c.labels for c in cases}
+    return {cid: region_volumes(path, labels[cid]) for cid, path in result.written.items()}
+
+
+def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: list[str], contrast_check: bool = True) -> dict[str, Any]:
     """Segment (with one model or an ensemble), score and draw every case under ``real``; return (and write) the results."""
     models = load_models(model)
     base = dataclasses.replace(models[0].config, infer=ensemble_infer_config(models))
@@ -151,7 +183,10 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         "scored": scored,
         "mean": mean,
         "failed": [str(f) for f in result.failures],
+        "predicted_ml": {cid: region_volumes(path, next(c.labels for c in found.cases if c.case_id == cid)) for cid, path in result.written.items()},
     }
+    if contrast_check:
+        summary["without_contrast"] = without_contrast(models, found.cases, out / "without_contrast", cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_scans.json").write_text(json.dumps(summary, indent=2))
     plot(rows, out / "real_scans.png")
@@ -164,18 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real", type=Path, default=DEFAULT_REAL, help="folder of real cases (default ../shared/data/real)")
     ap.add_argument("--refs", type=Path, help="folder of reference segmentations (default <real>/references)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_scans")
+    ap.add_argument(
+        "--contrast-check", action=argparse.BooleanOptionalAction, default=True,
+        help="also segment each case with T1ce replaced by T1 and report the enhancing tumour predicted without contrast (default on)",
+    )
     ap.add_argument("overrides", nargs="*", help="infer overrides key=value (e.g. infer.tta=true)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.real.is_dir():
         print(f"no real scans at {args.real}: nothing to do")
         return 0
-    summary = run(args.model, args.real, args.refs or args.real / "references", args.out, args.overrides)
+    summary = run(args.model, args.real, args.refs or args.real / "references", args.out, args.overrides, args.contrast_check)
     print(f"{'case':<24} {'region':<4} {'Dice':>6} {'HD95 mm':>8} {'pred mL':>8} {'ref mL':>8}")
     for cid, scores in summary["scored"].items():
         for region in REGION_NAMES:
             s = scores[region]
             print(f"{cid:<24} {region:<4} {s['dice']:6.3f} {s['hd95']:8.1f} {s['pred_ml']:8.1f} {s['ref_ml']:8.1f}")
+    for cid, volumes in summary.get("without_contrast", {}).items():
+        with_t1ce = summary["predicted_ml"].get(cid, {})
+        print(f"{cid:<24} without contrast (T1ce := T1): ET {volumes['ET']:.1f} mL, TC {volumes['TC']:.1f} mL "
+              f"(with T1ce: ET {with_t1ce.get('ET', float('nan')):.1f}, TC {with_t1ce.get('TC', float('nan')):.1f})")
     unscored = [c for c in summary["cases"] if c not in summary["scored"]]
     if unscored:
         print(f"segmented without a reference (see the figure): {', '.join(unscored)}")

@@ -108,3 +108,10 @@ def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
     assert result["checkpoint"] == [str(a), str(b)] and result["model"] == [str(a), str(b)]
     assert set(result["scored"]["BraTS-GLI-00007-000"]) == {"WT", "TC", "ET"}
     assert (tmp_path / "out" / "real_scans.png").is_file()
+    # the contrast check: the same case with its T1ce replaced by its T1 (links to the files)
+    swapped = tmp_path / "out" / "without_contrast" / "input" / "BraTS-GLI-00007-000" / "BraTS-GLI-00007-000"
+    assert Path(f"{swapped}-t1c.nii.gz").resolve() == Path(f"{swapped}-t1n.nii.gz").resolve() == Path(case["paths"]["t1"]).resolve()
+    assert Path(f"{swapped}-t2f.nii.gz").resolve() == Path(case["paths"]["flair"]).resolve()
+    volumes = result["without_contrast"]["BraTS-GLI-00007-000"]
+    assert set(volumes) == {"WT", "TC", "ET"} and all(v >= 0 for v in volumes.values())
+    assert set(result["predicted_ml"]["BraTS-GLI-00007-000"]) == {"WT", "TC", "ET"}
