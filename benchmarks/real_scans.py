@@ -42,7 +42,7 @@ from brats_psp.config import apply_overrides  # noqa: E402
 from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.labels import REGION_NAMES, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
-from brats_psp.segment import ensemble_infer_config, load_models, segment_cases  # noqa: E402
+from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
 
 log = logging.getLogger("real_scans")
 
@@ -153,18 +153,18 @@ def without_contrast(models: Any, cases: list[Any], out: Path, cfg: Any) -> dict
 def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: list[str], contrast_check: bool = True) -> dict[str, Any]:
     """Segment (with one model or an ensemble), score and draw every case under ``real``; return (and write) the results."""
     models = load_models(model)
-    base = dataclasses.replace(models[0].config, infer=ensemble_infer_config(models))
-    cfg = apply_overrides(base, overrides).infer if overrides else base.infer
+    cfg = apply_overrides(ensemble_config(models), overrides).infer
     found = discover_cases(real)
     if not found.cases:
         raise SystemExit(f"no cases found under {real}")
     pred_dir = out / "predictions"
     result = segment_cases(models, real, pred_dir, cfg, progress=True)
-    rows, scored = [], {}
+    rows, scored, predicted_ml = [], {}, {}
     for case in found.cases:
         pred = result.written.get(case.case_id)
         if pred is None:
             continue
+        predicted_ml[case.case_id] = region_volumes(pred, case.labels)
         ref = find_reference(refs, case.case_id)
         row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
         if ref is not None:
@@ -183,7 +183,7 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         "scored": scored,
         "mean": mean,
         "failed": [str(f) for f in result.failures],
-        "predicted_ml": {cid: region_volumes(path, next(c.labels for c in found.cases if c.case_id == cid)) for cid, path in result.written.items()},
+        "predicted_ml": predicted_ml,
     }
     if contrast_check:
         summary["without_contrast"] = without_contrast(models, found.cases, out / "without_contrast", cfg)

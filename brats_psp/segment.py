@@ -16,7 +16,7 @@ affine and header), written atomically. A case that fails is reported by name; t
 Several models (``infer --model A --model B``: the folds or seeds of a recipe, as nnU-Net
 ensembles its five folds) segment as one: each predicts the region probabilities with its own
 output mode and 2.5D context, and their mean is thresholded (:func:`load_models`,
-:func:`ensemble_infer_config`). They must preprocess alike (the same ``data.spacing``).
+:func:`ensemble_config`). They must preprocess alike (the same ``data.spacing``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from brats_psp.checkpoint import LoadedModel, load_model
-from brats_psp.config import InferConfig
+from brats_psp.config import Config, InferConfig
 from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, open_nifti, volume_transforms
 from brats_psp.errors import CaseError, CheckpointError, check_case_id
@@ -58,7 +58,7 @@ from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_rele
 from brats_psp.runtime import Runtime, setup_runtime
 
 __all__ = [
-    "PreparedCase", "SegmentResult", "ensemble_infer_config", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
+    "PreparedCase", "SegmentResult", "ensemble_config", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
     "segment_cases", "write_case",
 ]
 
@@ -86,15 +86,16 @@ def load_models(model: Models, tracking_uri: str | None = None) -> list[LoadedMo
     return loaded
 
 
-def ensemble_infer_config(models: Sequence[LoadedModel]) -> InferConfig:
-    """The ``infer`` settings of one model, or of an ensemble: the first model's, with each
-    region's threshold the mean of the models' (their calibrated ``infer.region_thresholds``,
-    else ``infer.threshold``)."""
-    cfg = models[0].config.infer
+def ensemble_config(models: Sequence[LoadedModel]) -> Config:
+    """The config that one model, or an ensemble, segments with: the first model's, for an
+    ensemble with each region's threshold the mean of the models' (their calibrated
+    ``infer.region_thresholds``, else ``infer.threshold``). ``infer.*`` overrides go on top."""
+    cfg = models[0].config
     per_model = [m.config.infer.thresholds for m in models]
-    if len(models) == 1 or all(t == per_model[0] for t in per_model):
+    if all(t == per_model[0] for t in per_model):
         return cfg
-    return dataclasses.replace(cfg, region_thresholds=[round(float(np.mean(t)), 4) for t in zip(*per_model)])
+    thresholds = [round(float(np.mean(t)), 4) for t in zip(*per_model)]
+    return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, region_thresholds=thresholds))
 
 
 @dataclass
@@ -270,7 +271,7 @@ def predict_case(loaded: LoadedModel | Sequence[LoadedModel], prepared: Prepared
         probs = predict_volume(m.network, prepared.image.as_tensor(), cfg, runtime, m.config.model.output, m.config.data.context_slices)
         total = probs if total is None else total + probs
     assert total is not None
-    return total / len(models) if len(models) > 1 else total
+    return total / len(models)
 
 
 def _reader_threads(threads: int) -> None:
@@ -350,7 +351,7 @@ def segment_cases(
     ``model`` is anything :func:`~brats_psp.checkpoint.load_model` takes, or a model it already
     loaded, or a sequence of them: an ensemble (:func:`load_models`), whose mean region
     probabilities are thresholded. ``cfg`` defaults to the ``infer`` section the model was
-    trained with (of an ensemble, :func:`ensemble_infer_config`). ``inference.json`` names the
+    trained with (of an ensemble, :func:`ensemble_config`). ``inference.json`` names the
     model, its checkpoint and run; of an ensemble, the lists of models and checkpoints (and no
     single run: ``evaluate --run`` chooses where its metrics go). With ``workers`` > 0, that
     many spawned processes read and preprocess the next cases while the network runs on the
@@ -362,7 +363,7 @@ def segment_cases(
     """
     models = load_models(model, tracking_uri)
     loaded = models[0]
-    cfg = cfg or ensemble_infer_config(models)
+    cfg = cfg or ensemble_config(models).infer
     runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, loaded.config.train.threads)
     for m in models:
         m.network.to(runtime.device)

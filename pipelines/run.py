@@ -97,10 +97,8 @@ def train(args: argparse.Namespace) -> int:
 
 @stage("infer")
 def infer(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from brats_psp.config import apply_overrides
-    from brats_psp.segment import ensemble_infer_config, load_models, segment_cases
+    from brats_psp.segment import ensemble_config, load_models, segment_cases
 
     not_infer = [o for o in args.overrides if not o.startswith("infer.")]
     if not_infer:
@@ -108,9 +106,8 @@ def infer(args: argparse.Namespace) -> int:
     models = load_models(args.model, args.tracking_uri)
     if len(models) > 1:
         log.info("ensemble of %d models: %s", len(models), ", ".join(str(m.checkpoint) for m in models))
-    cfg = apply_overrides(dataclasses.replace(models[0].config, infer=ensemble_infer_config(models)), args.overrides)
-    model = models[0] if len(models) == 1 else models
-    result = segment_cases(model, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers, task=args.task)
+    cfg = apply_overrides(ensemble_config(models), args.overrides)
+    result = segment_cases(models, args.input, args.output, cfg.infer, layout=args.layout, workers=args.workers, task=args.task)
     log.info("wrote %d segmentation(s) to %s", len(result.written), args.output)
     return _report_failures(result.failures, "inference")
 

@@ -325,14 +325,14 @@ def _smoke_checkpoint(path: Path, seed: int, overrides: list[str]) -> Path:
 
 
 def test_an_ensemble_thresholds_the_mean_of_its_models_probabilities(tmp_path: Path) -> None:
-    from brats_psp.segment import ensemble_infer_config, load_models
+    from brats_psp.segment import ensemble_config, load_models
     from tests.conftest import run_cli
 
     write_case(tmp_path / "in", "brats2021", "BraTS2021_00000")
     a = _smoke_checkpoint(tmp_path / "a.pt", 0, ["infer.region_thresholds=[0.5,0.4,0.3]"])
     b = _smoke_checkpoint(tmp_path / "b.pt", 1, ["data.context_slices=1", "infer.region_thresholds=[0.3,0.4,0.5]"])  # 2.5D: 12 channels
     models = load_models([str(a), str(b)])
-    assert ensemble_infer_config(models).thresholds == (0.4, 0.4, 0.4)  # the mean of the models' own
+    assert ensemble_config(models).infer.thresholds == (0.4, 0.4, 0.4)  # the mean of the models' own
     cfg = load_config(None, ["infer.save_probabilities=true", "infer.roi_size=[32,32]", "infer.tta=false"]).infer
     probs = {}
     for name, model in (("a", str(a)), ("b", str(b)), ("ab", [str(a), str(b)])):
