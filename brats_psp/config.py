@@ -117,7 +117,7 @@ class ModelConfig:
     width: int = 16  # base channels of the ResNet (64 in the paper)
     bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     psp_channels: int = 128
-    decoder: Literal["progressive", "bilinear"] = "progressive"
+    decoder: Literal["progressive", "skip", "bilinear"] = "progressive"
     output: Literal["sigmoid", "softmax"] = "sigmoid"
     class_head: bool = True
     deep_supervision: bool = True  # the PSPNet auxiliary head on layer 3 (training only)

@@ -39,7 +39,7 @@ def image() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50])
-@pytest.mark.parametrize("decoder", ["progressive", "bilinear"])
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("output, k", [("sigmoid", 3), ("softmax", 4)])
 def test_pspnet_output_shapes(image, depth, decoder, output, k):
     model = PSPNet(C, depth=depth, decoder=decoder, output=output, **SMALL).eval()
@@ -59,6 +59,39 @@ def test_deep_supervision_masks_in_training_only(image, output, k):
     assert out.aux_masks is not None and out.aux_masks.shape == (B, k, H, W)
     with torch.no_grad():
         assert model.eval()(image).aux_masks is None
+
+
+def test_skip_decoder_is_fed_layer1_and_the_input(image):
+    """The skip decoder's step at stride 4 takes ResNet layer 1, its last step (full size) the
+    input slices; in between nothing is added. So an output pixel depends most on the input
+    right under it, where the progressive decoder sees the input only through stride 8."""
+    model = PSPNet(C, depth=18, decoder="skip", **SMALL).eval()
+    steps = model.decoder.steps
+    assert [s.skip_channels for s in steps] == [model.backbone.channels[0], 0, C]
+    assert steps[0].conv[0].in_channels == 64 + model.backbone.channels[0]
+    assert steps[2].conv[0].in_channels == steps[1].conv[0].out_channels + C
+    plain = PSPNet(C, depth=18, decoder="progressive", **SMALL).eval()
+    assert [s.skip_channels for s in plain.decoder.steps] == [0, 0, 0]
+    # Influence of the input on one output pixel: its 3x3 neighbourhood (the full-size step's
+    # window) against the ring of a 9x9 window around it.
+    x = image[:1].clone().requires_grad_(True)
+    for net, direct in ((model, True), (plain, False)):
+        x.grad = None
+        net(x).masks[0, 0, 30, 40].backward()
+        g = x.grad[0].abs().sum(0)
+        ring = g[26:35, 36:45].clone()
+        ring[3:6, 3:6] = 0
+        ratio = (g[29:32, 39:42].mean() / (ring.sum() / 72)).item()
+        assert (ratio > 2.0) if direct else (ratio < 2.0), (direct, ratio)
+
+
+def test_skip_decoder_rejects_a_missing_or_wrong_skip():
+    block = PSPNet(C, depth=18, decoder="skip", **SMALL).decoder.steps[2]
+    x = torch.randn(1, block.conv[0].in_channels - C, 8, 8)
+    with pytest.raises(ValueError, match="skip of 4 channels"):
+        block(x, (16, 16))
+    with pytest.raises(ValueError, match=r"\(1, 3, 16, 16\)"):
+        block(x, (16, 16), torch.randn(1, 3, 16, 16))
 
 
 @pytest.mark.parametrize("slices", [1, 3])

@@ -40,8 +40,9 @@ __all__ = [
 
 #: ``output`` modes: per-region sigmoid logits, or per-tissue softmax logits.
 OUTPUT_MODES: tuple[str, ...] = ("sigmoid", "softmax")
-#: ``decoder`` kinds: the seed's three x2 steps, or the paper's bilinear x8.
-DECODERS: tuple[str, ...] = ("progressive", "bilinear")
+#: ``decoder`` kinds: the seed's three x2 steps, the same steps fed the encoder's detail
+#: (U-Net-style skips from ResNet layer 1 and the input), or the paper's bilinear x8.
+DECODERS: tuple[str, ...] = ("progressive", "skip", "bilinear")
 #: Channel order of the softmax masks: tissue codes 0..3 (RC, code 4, is not predicted).
 TISSUE_CLASSES: tuple[Tissue, ...] = (Tissue.BACKGROUND, Tissue.NCR, Tissue.ED, Tissue.ET)
 
@@ -138,19 +139,30 @@ class PyramidPooling(nn.Module):
 class UpsampleBlock(nn.Module):
     """Bilinear upsampling to a given size, then 3x3 conv + BN + PReLU (the seed's ``PSPUpsample``).
 
-    Input: B x ``in_channels`` x h x w and a target size (H', W'). Output: B x ``out_channels`` x H' x W'.
+    With ``skip_channels`` > 0 a feature map of the target size (an encoder skip) is
+    concatenated with the upsampled input before the convolution, as in U-Net's decoder.
+
+    Input: B x ``in_channels`` x h x w, a target size (H', W') and, with ``skip_channels``,
+    B x ``skip_channels`` x H' x W'. Output: B x ``out_channels`` x H' x W'.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, skip_channels: int = 0) -> None:
         super().__init__()
+        self.skip_channels = skip_channels
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.Conv2d(in_channels + skip_channels, out_channels, 3, padding=1),
             nn.BatchNorm2d(out_channels),
             nn.PReLU(),
         )
 
-    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
-        return self.conv(F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False))
+    def forward(self, x: Tensor, size: Sequence[int], skip: Tensor | None = None) -> Tensor:
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        if self.skip_channels:
+            if skip is None or skip.shape[1] != self.skip_channels or skip.shape[-2:] != x.shape[-2:]:
+                got = None if skip is None else tuple(skip.shape)
+                raise ValueError(f"UpsampleBlock expects a skip of {self.skip_channels} channels at {tuple(x.shape[-2:])}, got {got}")
+            x = torch.cat([x, skip], dim=1)
+        return self.conv(x)
 
 
 class ClassHead(nn.Module):
@@ -170,20 +182,31 @@ class ClassHead(nn.Module):
 
 class _ProgressiveDecoder(nn.Module):
     """Dropout, three :class:`UpsampleBlock` steps each followed by dropout (half the rate,
-    the seed's 0.3 / 0.15 ratio), then a 1x1 classifier. Ends at the input's exact size."""
+    the seed's 0.3 / 0.15 ratio), then a 1x1 classifier. Ends at the input's exact size.
 
-    def __init__(self, in_channels: int, channels: Sequence[int], out_channels: int, dropout: float) -> None:
+    ``skip_channels``: per step (stride 4, 2, 1), the channels of the encoder map it is fed
+    (0: none); ``forward`` then takes those maps in ``skips``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        out_channels: int,
+        dropout: float,
+        skip_channels: Sequence[int] = (0, 0, 0),
+    ) -> None:
         super().__init__()
         self.drop_in = nn.Dropout2d(dropout)
         widths = [in_channels, *channels]
-        self.steps = nn.ModuleList(UpsampleBlock(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.steps = nn.ModuleList(UpsampleBlock(a, b, c) for a, b, c in zip(widths[:-1], widths[1:], skip_channels))
         self.drop = nn.Dropout2d(dropout / 2)
         self.classifier = nn.Conv2d(widths[-1], out_channels, 1)
 
-    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
+    def forward(self, x: Tensor, size: Sequence[int], skips: Sequence[Tensor | None] = (None, None, None)) -> Tensor:
         x = self.drop_in(x)
-        for step, step_size in zip(self.steps, progressive_sizes(size, len(self.steps))):
-            x = self.drop(step(x, step_size))
+        for step, step_size, skip in zip(self.steps, progressive_sizes(size, len(self.steps)), skips):
+            x = self.drop(step(x, step_size, skip))
         return self.classifier(x)
 
 
@@ -213,7 +236,10 @@ class PSPNet(nn.Module):
         bins: pyramid pooling bin sizes.
         psp_channels: channels out of the pyramid pooling module.
         decoder: ``"progressive"`` (the seed's three x2 steps of upsample + 3x3 conv + BN + PReLU
-            + Dropout2d) or ``"bilinear"`` (1x1 classifier at stride 8, bilinear x8).
+            + Dropout2d), ``"skip"`` (the same steps, the one at stride 4 also fed ResNet layer 1
+            and the one at full size the input slices, so that thin structures such as an
+            enhancing rim keep the input's resolution) or ``"bilinear"`` (1x1 classifier at
+            stride 8, bilinear x8).
         output: ``"sigmoid"`` (3 region logits WT/TC/ET) or ``"softmax"`` (4 tissue logits BG/NCR/ED/ET).
         class_head: add the image-level class head. Without it ``class_logits`` are derived from
             the masks (per region, the largest pixel logit; for softmax the logit of the largest
@@ -270,6 +296,9 @@ class PSPNet(nn.Module):
     def _build_decoder(self, kind: str, in_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
         if kind == "progressive":
             return _ProgressiveDecoder(in_channels, channels, self.out_channels, dropout)
+        if kind == "skip":
+            skips = (self.backbone.channels[0], 0, self.backbone.in_channels)
+            return _ProgressiveDecoder(in_channels, channels, self.out_channels, dropout, skips)
         return _BilinearDecoder(in_channels, self.out_channels, dropout)
 
     def _build_aux_head(self, in_channels: int, dropout: float) -> nn.Sequential:
@@ -286,7 +315,10 @@ class PSPNet(nn.Module):
         """B x C x H x W -> :class:`PSPNetOutput` (masks at H x W)."""
         size = x.shape[-2:]
         feats = self.backbone(x)
-        masks = self.decoder(self.psp(feats.layer4), size)
+        if self.decoder_kind == "skip":
+            masks = self.decoder(self.psp(feats.layer4), size, (feats.layer1, None, x))
+        else:
+            masks = self.decoder(self.psp(feats.layer4), size)
         if self.class_head is not None:
             class_logits = self.class_head(feats.layer3)
         else:
