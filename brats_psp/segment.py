@@ -58,7 +58,7 @@ from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_rele
 from brats_psp.runtime import Runtime, setup_runtime
 
 __all__ = [
-    "PreparedCase", "SegmentResult", "ensemble_config", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
+    "PreparedCase", "SegmentResult", "ensemble_config", "fill_core", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
     "segment_cases", "write_case",
 ]
 
@@ -115,6 +115,7 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
       are removed (stray false positives far from the lesion; a multifocal tumour's large foci stay).
     * ``small_et_voxels``: when the whole prediction has fewer ET voxels than this, they become NCR
       (the rule that wins points on cases without enhancing tumour).
+    * ``fill_core``: tumour enclosed by the core becomes necrosis (:func:`fill_core`).
     """
     if cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0:
         labelled, n = ndimage.label(tissue > 0, structure=np.ones((3, 3, 3), bool))
@@ -130,6 +131,35 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
         et = tissue == Tissue.ET
         if 0 < int(et.sum()) < cfg.small_et_voxels:
             tissue[et] = Tissue.NCR
+    if cfg.fill_core:
+        fill_core(tissue)
+    return tissue
+
+
+def fill_core(tissue: np.ndarray) -> np.ndarray:
+    """Tumour that the tumour core encloses becomes necrosis (in place and returned).
+
+    What an enhancing rim encloses is necrosis or fluid: tumour core in every BraTS release,
+    however much it looks like edema. In each axial, coronal and sagittal slice the core
+    (NCR + ET) is closed over gaps of one or two voxels (a 3 x 3 closing) and its holes are
+    filled; the filled voxels that the prediction calls tumour (edema) become NCR. Background
+    and the core itself are left as they are.
+    """
+    core = (tissue == Tissue.NCR) | (tissue == Tissue.ET)
+    box = ndimage.find_objects(core.astype(np.uint8))
+    if not box:
+        return tissue
+    box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box[0])
+    core, sub = core[box], tissue[box]
+    enclosed = np.zeros_like(core)
+    square = np.ones((3, 3), bool)
+    for axis in range(core.ndim):
+        for i in range(core.shape[axis]):
+            index = (slice(None),) * axis + (i,)
+            plane = core[index]
+            if plane.any():
+                enclosed[index] |= ndimage.binary_fill_holes(ndimage.binary_closing(plane, square, border_value=0))
+    sub[enclosed & ~core & (sub != Tissue.BACKGROUND)] = Tissue.NCR
     return tissue
 
 

@@ -16,7 +16,7 @@ from brats_psp.data.discovery import discover_cases
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.labels import RELEASES, Tissue
 from brats_psp.networks import build_network
-from brats_psp.segment import postprocess, segment_cases
+from brats_psp.segment import fill_core, postprocess, segment_cases
 from tests.conftest import CASE_IDS, REPO, write_case
 
 
@@ -266,6 +266,46 @@ def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
     strict = load_config(None, ["infer.min_component_fraction=0.5", "infer.small_et_voxels=0"]).infer
     out = postprocess(t.copy(), strict)
     assert (out[20:26, 20:26, 20:26] == 0).all() and (out[2:12, 2:12, 2:12] == t[2:12, 2:12, 2:12]).all()
+
+
+def _ring_case() -> np.ndarray:
+    """Edema around a ring of enhancing tumour (a tube along z) whose inside looks like edema."""
+    t = np.zeros((30, 30, 12), np.uint8)
+    t[4:26, 4:26, 2:10] = Tissue.ED
+    yy, xx = np.mgrid[:30, :30]
+    r = np.hypot(yy - 15, xx - 15)
+    t[(r >= 5) & (r < 7)] = Tissue.ET  # the rim, in every z
+    t[:, :, :2] = t[:, :, 10:] = 0
+    return t
+
+
+def test_fill_core_makes_what_the_rim_encloses_necrosis() -> None:
+    t = _ring_case()
+    inside = (np.hypot(*(np.mgrid[:30, :30] - 15)) < 5)[..., None] & (t == Tissue.ED)
+    out = fill_core(t.copy())
+    assert (out[inside] == Tissue.NCR).all()
+    np.testing.assert_array_equal(out[~inside], t[~inside])  # rim, outer edema, background kept
+    # a gap of one voxel in the rim is bridged; background inside the rim stays background
+    gapped = t.copy()
+    gapped[15, 20:23, :] = Tissue.ED
+    gapped[14:17, 14:17, 4] = 0
+    out = fill_core(gapped.copy())
+    assert (out[15, 13, 2:10] == Tissue.NCR).all() and (out[14:17, 14:17, 4] == 0).all()
+    # an open rim (a quarter missing) encloses nothing: left as it is
+    open_rim = t.copy()
+    open_rim[15:, 15:, :][open_rim[15:, 15:, :] == Tissue.ET] = Tissue.ED
+    np.testing.assert_array_equal(fill_core(open_rim.copy()), open_rim)
+    empty = np.zeros((5, 5, 5), np.uint8)
+    assert not fill_core(empty).any()
+
+
+def test_postprocess_fills_the_core_only_when_asked() -> None:
+    t = _ring_case()
+    off = load_config(None, ["infer.small_et_voxels=0"]).infer
+    np.testing.assert_array_equal(postprocess(t.copy(), off), t)
+    on = load_config(None, ["infer.small_et_voxels=0", "infer.fill_core=true"]).infer
+    np.testing.assert_array_equal(postprocess(t.copy(), on), fill_core(t.copy()))
+    assert (postprocess(t.copy(), on) == Tissue.NCR).sum() > 0
 
 
 def test_infer_with_worker_processes_writes_the_same_labels_in_the_same_order(
