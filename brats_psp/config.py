@@ -117,7 +117,7 @@ class ModelConfig:
     width: int = 16  # base channels of the ResNet (64 in the paper)
     bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     psp_channels: int = 128
-    decoder: Literal["progressive", "skip", "bilinear"] = "progressive"
+    decoder: Literal["progressive", "skip", "bilinear"] = "skip"
     output: Literal["sigmoid", "softmax"] = "sigmoid"
     class_head: bool = True
     deep_supervision: bool = True  # the PSPNet auxiliary head on layer 3 (training only)
@@ -199,7 +199,7 @@ class InferConfig:
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
-    fill_core: bool = False  # tumour that the core (NCR + ET) encloses in a slice becomes NCR (segment.fill_core)
+    fill_core: bool = True  # tumour that the core (NCR + ET) encloses in a slice becomes NCR (segment.fill_core)
     labels: Literal["input", "brats2021", "brats2023", "brats2023-ped", "msd"] = "input"
     save_probabilities: bool = False
 

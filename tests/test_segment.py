@@ -299,11 +299,11 @@ def test_fill_core_makes_what_the_rim_encloses_necrosis() -> None:
     assert not fill_core(empty).any()
 
 
-def test_postprocess_fills_the_core_only_when_asked() -> None:
+def test_postprocess_fills_the_core_by_default() -> None:
     t = _ring_case()
-    off = load_config(None, ["infer.small_et_voxels=0"]).infer
+    off = load_config(None, ["infer.small_et_voxels=0", "infer.fill_core=false"]).infer
     np.testing.assert_array_equal(postprocess(t.copy(), off), t)
-    on = load_config(None, ["infer.small_et_voxels=0", "infer.fill_core=true"]).infer
+    on = load_config(None, ["infer.small_et_voxels=0"]).infer
     np.testing.assert_array_equal(postprocess(t.copy(), on), fill_core(t.copy()))
     assert (postprocess(t.copy(), on) == Tissue.NCR).sum() > 0
 
@@ -384,7 +384,7 @@ def test_an_ensemble_thresholds_the_mean_of_its_models_probabilities(tmp_path: P
     info = json.loads((tmp_path / "ab" / "inference.json").read_text())
     assert info["checkpoint"] == [str(a), str(b)] and info["run_id"] is None
     # the CLI: --model repeated; the labels are the mean's, thresholded at the mean thresholds
-    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false") == 0
+    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false") == 0
     labels = np.asarray(nib.load(str(tmp_path / "cli" / "BraTS2021_00000.nii.gz")).dataobj)
     expected = np.zeros(labels.shape, np.uint8)
     wt, tc, et = (probs["ab"][..., k] > 0.4 for k in range(3))
