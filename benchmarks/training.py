@@ -11,6 +11,9 @@
 * **in memory, with a moving average**: the same steps with the weights' moving average
   (``train.ema_decay``) updated after each, and its ratio to the steps without (the data path
   and in-memory steps run without one, whatever the config says);
+* with ``--compare key=value ...``: the same in-memory steps of a second model built with those
+  overrides (for example ``model.decoder=progressive``), alternating with the first in every
+  round, and the ratio of their speeds;
 * preprocessing throughput in cases/s, cold (an empty cache) and cached (a second run that
   verifies and reuses every entry).
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=40, help="training steps per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (data path, in memory)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/training.json)")
+    ap.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="overrides of a second model timed on the same in-memory batches")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.num_workers=0)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -81,8 +85,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loader = build_train_loader(cfg, train_dirs, runtime)
         trainer = Trainer.build(cfg, runtime, len(loader))
         trainer.model.train()
+        other = None
+        if args.compare:
+            other_cfg = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides, *args.compare])
+            other_cfg.train.slices_per_epoch = cfg.train.slices_per_epoch
+            other = Trainer.build(other_cfg, runtime, len(loader))
+            other.model.train()
 
-        def steps(batches: Any) -> float:
+        def steps(batches: Any, trainer: Trainer = trainer) -> float:
             start = time.perf_counter()
             n = 0
             for batch in batches:
@@ -97,9 +107,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed_loader_epoch(loader, 0, cfg, runtime)
             memory = list(augmented_batches(loader, augment, 0, cfg, runtime))
             steps(memory[:5])
+            if other is not None:
+                steps(memory[:5], other)
         # the plain steps run without a moving average, even when the config asks for one
         ema, trainer.ema = trainer.ema or WeightEMA(trainer.model, 0.998), None
-        data_path, in_memory, with_ema = [], [], []
+        data_path, in_memory, with_ema, compared = [], [], [], []
         for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
             with section(f"round {r + 1}: data path, then in memory"):
                 seed_loader_epoch(loader, r + 1, cfg, runtime)
@@ -108,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 trainer.ema = ema
                 with_ema.append(steps(memory))
                 trainer.ema = None
-                print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s ({with_ema[-1]:.1f} with the moving average)")
+                if other is not None:
+                    compared.append(steps(memory, other))
+                print(f"   {data_path[-1]:.1f} vs {in_memory[-1]:.1f} slices/s ({with_ema[-1]:.1f} with the moving average"
+                      + (f", {compared[-1]:.1f} with {' '.join(args.compare)})" if other is not None else ")"))
         shutil.rmtree(cache, ignore_errors=True)
 
     ratio = sum(data_path) / sum(in_memory)
@@ -124,6 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["preprocessing, cold", result["preprocess_cases_per_s"]["cold"], "cases/s"],
         ["preprocessing, cached", result["preprocess_cases_per_s"]["cached"], "cases/s"],
     ]
+    if other is not None:
+        compare_ratio = sum(compared) / sum(in_memory)
+        result["compare"] = {"overrides": args.compare, "slices_per_s": compared, "ratio_over_in_memory": compare_ratio}
+        rows[5:5] = [
+            [f"training, in memory, {' '.join(args.compare)}", sum(compared) / len(compared), "slices/s"],
+            ["ratio of that model / this config's", compare_ratio, ""],
+        ]
     print()
     print(table(rows, ["measurement", "value", "unit"]))
     write_result("training" if runtime.device.type == "cpu" else "training_cuda", result, args.out)

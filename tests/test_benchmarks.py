@@ -31,9 +31,10 @@ def test_inference_benchmark_runs(tmp_path: Path) -> None:
 def test_training_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "training.json"
     _run("training.py", "--config", "configs/smoke.yaml", "--cases", "4", "--steps", "2", "--rounds", "1", "--out", str(out),
-         f"data.cache_dir={tmp_path / 'cache'}")
+         f"data.cache_dir={tmp_path / 'cache'}", "--compare", "model.decoder=progressive")
     result = json.loads(out.read_text())
     assert result["ratio_data_path_over_in_memory"] > 0 and result["ratio_ema_over_in_memory"] > 0
+    assert result["compare"]["overrides"] == ["model.decoder=progressive"] and result["compare"]["ratio_over_in_memory"] > 0
     assert len(result["slices_per_s"]["in_memory_with_ema"]) == 1
     assert result["preprocess_cases_per_s"]["cold"] > 0 and result["preprocess_cases_per_s"]["cached"] > 0
 
