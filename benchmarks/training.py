@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides])
+    overrides = [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides]
+    cfg = load_config(args.config, overrides)
     runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
     print(f"device {runtime.device} ({runtime.precision}), {machine()['cpu']}, {torch.get_num_threads()} threads, "
           f"{loader_workers(cfg.train.num_workers, runtime)} loader workers (train.num_workers={cfg.train.num_workers}), batch {cfg.train.batch_size}")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.model.train()
         other = None
         if args.compare:
-            other_cfg = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides, *args.compare])
+            other_cfg = load_config(args.config, [*overrides, *args.compare])
             other_cfg.train.slices_per_epoch = cfg.train.slices_per_epoch
             other = Trainer.build(other_cfg, runtime, len(loader))
             other.model.train()
