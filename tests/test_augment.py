@@ -186,3 +186,18 @@ def test_lesion_appearance_moves_a_core_without_enhancing_tumour_with_its_edema(
     # varying texture, on average by less than half the shift (a core left alone: by all of it)
     after = (image + diff)[..., 15, 15] - (image + diff)[..., 7, 7]
     assert float((after - 0.5).abs().mean()) < 0.5 * float(edema.abs().mean())
+
+
+def test_smooth_field_is_bicubic_interpolation_of_its_grid() -> None:
+    # The matrix form of the fields (bias, lesion texture) gives F.interpolate's bicubic field
+    # from the same grid draws, also on a non-square slice.
+    import torch.nn.functional as F
+
+    from brats_psp.data.augment import _smooth_field
+
+    for cells, size in ((5, (128, 128)), (12, (96, 160))):
+        field = _smooth_field(3, 2, size, torch.Generator().manual_seed(4), cells=cells)
+        low = torch.randn(3, 2, cells, cells, generator=torch.Generator().manual_seed(4))
+        expected = F.interpolate(low, size=size, mode="bicubic", align_corners=True)
+        assert field.shape == (3, 2, *size)
+        torch.testing.assert_close(field, expected, atol=1e-5, rtol=1e-5)

