@@ -201,3 +201,19 @@ def test_smooth_field_is_bicubic_interpolation_of_its_grid() -> None:
         expected = F.interpolate(low, size=size, mode="bicubic", align_corners=True)
         assert field.shape == (3, 2, *size)
         torch.testing.assert_close(field, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_box_mean_and_statistics_match_torch() -> None:
+    # The faster forms in the batch augmentations give torch's own values.
+    import torch.nn.functional as F
+
+    from brats_psp.data.augment import _box3, _std_mean
+
+    x = torch.rand(4, 3, 20, 33, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_box3(x), F.avg_pool2d(x, 3, stride=1, padding=1))
+    flat = x.flatten(1)
+    std, mean = _std_mean(flat)
+    torch.testing.assert_close(std, flat.std(1))
+    torch.testing.assert_close(mean, flat.mean(1))
+    std_k, mean_k = _std_mean(flat, keepdim=True)
+    assert std_k.shape == mean_k.shape == (4, 1)

@@ -128,10 +128,14 @@ class BatchAugment:
             return (low + (high - low) * torch.rand(*shape, generator=g, dtype=torch.float64)).to(image.device, image.dtype)
 
         image, label = image.clone(), label.clone()
-        for dim in (-2, -1):
-            if cfg.flip_prob > 0 and len(i := chosen(cfg.flip_prob)):
-                flip = _selected(b, i)
-                image, label = torch.where(flip, image.flip(dim), image), torch.where(flip, label.flip(dim), label)
+        if cfg.flip_prob > 0:  # along H, then along W; a slice chosen for both is flipped once along both
+            dims: list[list[int]] = [[] for _ in range(b)]
+            for dim in (-2, -1):
+                for j in chosen(cfg.flip_prob).tolist():
+                    dims[j].append(dim)
+            for j, flip in enumerate(dims):
+                if flip:
+                    image[j], label[j] = image[j].flip(flip), label[j].flip(flip)
         if (cfg.rotate_deg > 0 or cfg.scale_range > 0) and len(i := chosen(AFFINE_PROB)):
             angles = uniform(-math.radians(cfg.rotate_deg), math.radians(cfg.rotate_deg), len(i)).float()
             scales = uniform(1 - cfg.scale_range, 1 + cfg.scale_range, len(i), 2).float()
@@ -161,13 +165,6 @@ class BatchAugment:
             image[i] += amp * field * (image[i] != 0)
         presence = label.flatten(2).amax(2)
         return {**batch, "image": image, "label": label, "presence": presence}
-
-
-def _selected(b: int, i: torch.Tensor) -> torch.Tensor:
-    """B x 1 x 1 x 1 bool: which of a batch's ``b`` slices the indices ``i`` choose."""
-    mask = torch.zeros(b, dtype=torch.bool, device=i.device)
-    mask[i] = True
-    return mask[:, None, None, None]
 
 
 @functools.lru_cache(maxsize=32)
@@ -211,18 +208,34 @@ def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Genera
         shifts.append((low + (high - low) * torch.rand(b, 4, generator=g, dtype=torch.float64))[:, modality])
     shift = torch.stack(shifts, 1).to(image.device, image.dtype)  # B x parts x C
     masks = torch.cat(list(parts.values()), 1).to(image.dtype)  # B x parts x H x W
-    soft = F.avg_pool2d(masks, 3, stride=1, padding=1) * texture  # edges softened over 3 pixels
+    soft = _box3(masks) * texture  # edges softened over 3 pixels
     return torch.where(inside, image + torch.einsum("bpc,bphw->bchw", shift, soft), image)
+
+
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """3 x 3 mean of B x C x H x W with zero padding (``F.avg_pool2d(x, 3, 1, 1)``), as two
+    separable sums of shifted views: the same values, several times faster on a CPU."""
+    p = F.pad(x, (1, 1, 1, 1))
+    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    return (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]) / 9.0
+
+
+def _std_mean(x: torch.Tensor, keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased standard deviation and mean over dimension 1 of B x N ``x`` (``torch.std_mean``'s
+    values, in two plain passes, which are several times faster on a CPU)."""
+    mean = x.mean(1, keepdim=True)
+    std = ((x - mean).square().sum(1, keepdim=True) / (x.shape[1] - 1)).sqrt()
+    return (std, mean) if keepdim else (std[:, 0], mean[:, 0])
 
 
 def _gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """MONAI's ``AdjustContrast(retain_stats=True)`` per slice: min-max scale, ^gamma, rescale,
     then restore the slice's mean and std."""
     flat = x.flatten(1)
-    std, mean = torch.std_mean(flat, 1)
+    std, mean = _std_mean(flat)
     low, high = torch.aminmax(flat, dim=1)
     span = (high - low)[:, None]
     y = ((flat - low[:, None]) / (span + 1e-7)).clamp_min(0) ** gamma[:, None] * span + low[:, None]
-    y_std, y_mean = torch.std_mean(y, 1, keepdim=True)
+    y_std, y_mean = _std_mean(y, keepdim=True)
     y = (y - y_mean) / (y_std + 1e-8) * std[:, None] + mean[:, None]
     return y.view_as(x)
