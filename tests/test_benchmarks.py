@@ -39,6 +39,18 @@ def test_training_benchmark_runs(tmp_path: Path) -> None:
     assert result["preprocess_cases_per_s"]["cold"] > 0 and result["preprocess_cases_per_s"]["cached"] > 0
 
 
+
+def test_augment_benchmark_runs_against_a_revision(tmp_path: Path) -> None:
+    # Against the checkout's own HEAD: the same augmentations, so the outputs check passes.
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = tmp_path / "augment.json"
+    _run("augment.py", "--config", "configs/smoke.yaml", "--cases", "4", "--batches", "2", "--rounds", "1", "--against", "HEAD",
+         "--out", str(out), f"data.cache_dir={tmp_path / 'cache'}")
+    result = json.loads(out.read_text())
+    assert result["against"] == "HEAD" and result["ratio_against_over_this"] > 0
+    assert len(result["ms_per_batch"]["this"]) == 1 and result["ms_per_batch"]["HEAD"][0] > 0
+
 @pytest.mark.slow
 def test_scaling_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
