@@ -48,7 +48,6 @@ def test_training_and_augment_benchmarks_run(tmp_path: Path) -> None:
         assert len(result["ms_per_batch"]["this"]) == 1 and result["ms_per_batch"]["HEAD"][0] > 0
 
 
-
 @pytest.mark.slow
 def test_scaling_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"

@@ -24,10 +24,10 @@ Why not per slice in the loader: on the 2-core benchmark machine MONAI's per-sli
 cost 2.2 to 3.3 ms a slice on one core (profiled), in the time of the training step; on whole
 batches the data path went from 0.845 to 0.92 of the in-memory step rate (fp32 steps,
 ``benchmarks/training.py``). With a GPU it runs there, and the loader's workers only read and crop.
-With the two steps below, a batch of 16 12 × 128 × 128 slices (2.5D) took 68 ms on both cores;
-the smooth fields as matrix products, flips per slice, the scale and shift on the whole batch and
-plain-pass statistics (the same outputs to 1e-4) take it to 45 ms, 1.52× faster (measured side
-by side, old and new alternating over 60 batches, 6 rounds).
+With the two steps below, the smooth fields as matrix products, flips per slice, the scale and
+shift on the whole batch and plain-pass statistics (the same outputs to 1e-4) take a batch of 16
+12 × 128 × 128 slices (2.5D) 39.1 ms on both cores, against 59.6 ms for the per-step gathers
+and ``F.interpolate`` of 857031b: 1.53× (``benchmarks/augment.py --against 857031b``).
 
 Two steps that MONAI has no transform for come last, both for transfer to real scans (the
 SynthSeg lesson: appearance randomised per sample, far wider than real scans vary):
