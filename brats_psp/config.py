@@ -193,6 +193,7 @@ class InferConfig:
     overlap: float = 0.25
     blend: Literal["constant", "gaussian"] = "gaussian"
     tta: bool = True  # flip test-time augmentation
+    scales: list[float] = field(default_factory=lambda: [1.0])  # in-plane zoom factors averaged at test time (PSPNet's multi-scale testing)
     planes: list[str] = field(default_factory=lambda: ["axial"])
     threshold: float = 0.5
     region_thresholds: list[float] | None = None  # WT, TC, ET; set by train.calibrate_threshold; null: threshold for all
@@ -216,6 +217,7 @@ class InferConfig:
         rt = self.region_thresholds
         _check(rt is None or (len(rt) == 3 and all(0.0 < t < 1.0 for t in rt)), "infer.region_thresholds", rt, "null or 3 values in (0, 1): WT, TC, ET")
         _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "infer.planes", self.planes, "a subset of axial, coronal, sagittal")
+        _check(len(self.scales) > 0 and all(0.25 <= float(f) <= 4.0 for f in self.scales), "infer.scales", self.scales, "one or more zoom factors in [0.25, 4]")
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")
         _check(0.0 <= self.min_component_fraction < 1.0, "infer.min_component_fraction", self.min_component_fraction, "in [0, 1)")

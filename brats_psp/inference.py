@@ -13,6 +13,7 @@ computed: the volume arrives cropped to it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -28,7 +29,10 @@ from brats_psp.labels import REGION_NAMES, regions_to_tissue
 from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
 
-__all__ = ["PLANE_AXES", "RegionProbabilities", "above_threshold", "add_context", "is_out_of_memory", "predict_volume", "probabilities_to_tissue"]
+__all__ = [
+    "PLANE_AXES", "RegionProbabilities", "above_threshold", "add_context", "is_out_of_memory", "predict_volume", "probabilities_to_tissue",
+    "zoom_in_plane",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +107,9 @@ def predict_volume(
             x = add_context(image.float(), context, axis)[None].to(runtime.device)
             in_plane = [d + 2 for d in range(3) if d != axis]  # the two axes of each 2D slice
             flips: Sequence[tuple[int, ...]] = [()] + ([(in_plane[0],), (in_plane[1],), tuple(in_plane)] if cfg.tta else [])
-            for dims in flips:
-                xi = torch.flip(x, dims) if dims else x
+            for scale, dims in itertools.product(cfg.scales, flips):
+                xi = zoom_in_plane(x, axis, scale)
+                xi = torch.flip(xi, dims) if dims else xi
                 while True:
                     try:
                         probs = _predict_plane(xi, wrapper, cfg, axis, batch_size)
@@ -117,10 +122,27 @@ def predict_volume(
                         if runtime.device.type == "cuda":
                             torch.cuda.empty_cache()
                 probs = torch.flip(probs, dims) if dims else probs
+                probs = zoom_in_plane(probs, axis, size=x.shape[2:]) if probs.shape[2:] != x.shape[2:] else probs
                 total = probs if total is None else total + probs
                 count += 1
     assert total is not None
     return (total / count)[0].cpu()
+
+
+def zoom_in_plane(x: torch.Tensor, axis: int, scale: float = 1.0, size: Sequence[int] | None = None) -> torch.Tensor:
+    """Resize 1 × C × X × Y × Z across the slices of spatial ``axis`` (linear), keeping the slice count.
+
+    ``scale`` multiplies the two in-plane sizes (rounded); ``size``, when given, is the spatial
+    size to return to instead (the slice axis must keep its length). Scale 1 returns ``x``.
+    """
+    if size is None:
+        if scale == 1.0:
+            return x
+        size = [n if d == axis else max(1, round(n * scale)) for d, n in enumerate(x.shape[2:])]
+    size = [int(n) for n in size]
+    if size[axis] != x.shape[axis + 2]:
+        raise ValueError(f"zoom_in_plane keeps the {x.shape[axis + 2]} slices along axis {axis}, got size {size}")
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
 def _predict_plane(x: torch.Tensor, net: nn.Module, cfg: InferConfig, axis: int, batch_size: int) -> torch.Tensor:

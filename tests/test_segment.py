@@ -122,6 +122,41 @@ def test_predict_volume_shapes_with_tta_and_planes(checkpoint: Path, planes: lis
     assert probs.shape == (3, 23, 30, 17) and float(probs.min()) >= 0 and float(probs.max()) <= 1
 
 
+@pytest.mark.parametrize("plane", ["axial", "coronal"])
+def test_multiscale_testing_averages_zoomed_passes(checkpoint: Path, plane: str) -> None:
+    """``infer.scales``: each zoom factor is a pass at that in-plane size, brought back to the
+    volume's grid and averaged with the others; a factor of 1 alone is plain inference."""
+    from brats_psp.checkpoint import load_model
+    from brats_psp.inference import predict_volume, zoom_in_plane
+    from brats_psp.runtime import setup_runtime
+
+    loaded = load_model(str(checkpoint))
+    runtime = setup_runtime("cpu", "fp32")
+    image = torch.randn(4, 23, 30, 17)
+    base = [f"infer.planes=[{plane}]", "infer.tta=false", "infer.roi_size=[32,32]"]
+    plain = predict_volume(loaded.network, image, load_config(None, base).infer, runtime)
+    one = predict_volume(loaded.network, image, load_config(None, [*base, "infer.scales=[1.0]"]).infer, runtime)
+    torch.testing.assert_close(one, plain)
+    zoomed = predict_volume(loaded.network, image, load_config(None, [*base, "infer.scales=[1.25]"]).infer, runtime)
+    both = predict_volume(loaded.network, image, load_config(None, [*base, "infer.scales=[1.0,1.25]"]).infer, runtime)
+    assert zoomed.shape == (3, 23, 30, 17) and not torch.allclose(zoomed, plain)
+    torch.testing.assert_close(both, (plain + zoomed) / 2)
+    # the helper keeps the slice axis and returns to the grid it is given
+    axis = {"axial": 2, "coronal": 1}[plane]
+    up = zoom_in_plane(image[None], axis, 1.25)
+    assert up.shape[axis + 2] == image.shape[axis + 1] and up.shape[2:] != image.shape[1:]
+    assert zoom_in_plane(up, axis, size=image.shape[1:]).shape == (1, *image.shape)
+    with pytest.raises(ValueError, match="keeps the"):
+        zoom_in_plane(image[None], axis, size=[5, 5, 5])
+
+
+def test_multiscale_factors_are_validated() -> None:
+    with pytest.raises(ValueError, match="infer.scales"):
+        load_config(None, ["infer.scales=[]"])
+    with pytest.raises(ValueError, match="infer.scales"):
+        load_config(None, ["infer.scales=[0.0]"])
+
+
 def test_context_along_any_axis() -> None:
     from brats_psp.inference import add_context
 
