@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from brats_psp.data.layouts import LAYOUTS
 from brats_psp.data.release import case_paths, write_case, write_dataset
@@ -129,6 +130,17 @@ def _paste_lesions(rng: np.random.Generator, plans: list[LesionPlan], anatomy: A
 
 
 def generate_case(index: int, seed: int = 0, fmt: str = "brats2021") -> SyntheticCase:
+    """Generate synthetic case ``index`` of the dataset with ``seed`` (see :func:`_generate_case`).
+
+    The BLAS runs on one thread meanwhile: OpenBLAS's float32 products can round differently
+    with two threads than with one, which changed a few voxels by one between a case drawn in
+    the main process and the same case drawn in a worker process.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _generate_case(index, seed, fmt)
+
+
+def _generate_case(index: int, seed: int = 0, fmt: str = "brats2021") -> SyntheticCase:
     """Generate synthetic case ``index`` of the dataset with ``seed``.
 
     Deterministic: uses ``np.random.default_rng([seed, index])`` only, so the result
