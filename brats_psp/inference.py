@@ -13,7 +13,6 @@ computed: the volume arrives cropped to it.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 
@@ -107,24 +106,28 @@ def predict_volume(
             x = add_context(image.float(), context, axis)[None].to(runtime.device)
             in_plane = [d + 2 for d in range(3) if d != axis]  # the two axes of each 2D slice
             flips: Sequence[tuple[int, ...]] = [()] + ([(in_plane[0],), (in_plane[1],), tuple(in_plane)] if cfg.tta else [])
-            for scale, dims in itertools.product(cfg.scales, flips):
-                xi = zoom_in_plane(x, axis, scale)
-                xi = torch.flip(xi, dims) if dims else xi
-                while True:
-                    try:
-                        probs = _predict_plane(xi, wrapper, cfg, axis, batch_size)
-                        break
-                    except RuntimeError as err:  # out of memory: fall back to smaller batches, down to one slice
-                        if not is_out_of_memory(err) or batch_size == 1:
-                            raise
-                        batch_size = max(1, batch_size // 2)
-                        log.warning("out of memory at inference (%s); retrying with %d slices per batch", str(err).splitlines()[0], batch_size)
-                        if runtime.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                probs = torch.flip(probs, dims) if dims else probs
-                probs = zoom_in_plane(probs, axis, size=x.shape[2:]) if probs.shape[2:] != x.shape[2:] else probs
-                total = probs if total is None else total + probs
-                count += 1
+            for scale in cfg.scales:
+                xs = zoom_in_plane(x, axis, scale)  # once per scale; its flips are summed at this size
+                at_scale = None
+                for dims in flips:
+                    xi = torch.flip(xs, dims) if dims else xs
+                    while True:
+                        try:
+                            probs = _predict_plane(xi, wrapper, cfg, axis, batch_size)
+                            break
+                        except RuntimeError as err:  # out of memory: fall back to smaller batches, down to one slice
+                            if not is_out_of_memory(err) or batch_size == 1:
+                                raise
+                            batch_size = max(1, batch_size // 2)
+                            log.warning("out of memory at inference (%s); retrying with %d slices per batch", str(err).splitlines()[0], batch_size)
+                            if runtime.device.type == "cuda":
+                                torch.cuda.empty_cache()
+                    probs = torch.flip(probs, dims) if dims else probs
+                    at_scale = probs if at_scale is None else at_scale + probs
+                    count += 1
+                assert at_scale is not None
+                back = zoom_in_plane(at_scale, axis, size=x.shape[2:])  # linear: the sum zoomed back once
+                total = back if total is None else total + back
     assert total is not None
     return (total / count)[0].cpu()
 
@@ -133,15 +136,16 @@ def zoom_in_plane(x: torch.Tensor, axis: int, scale: float = 1.0, size: Sequence
     """Resize 1 × C × X × Y × Z across the slices of spatial ``axis`` (linear), keeping the slice count.
 
     ``scale`` multiplies the two in-plane sizes (rounded); ``size``, when given, is the spatial
-    size to return to instead (the slice axis must keep its length). Scale 1 returns ``x``.
+    size to return to instead (the slice axis must keep its length). ``x`` itself is returned
+    when its size is already the one asked for (scale 1).
     """
     if size is None:
-        if scale == 1.0:
-            return x
         size = [n if d == axis else max(1, round(n * scale)) for d, n in enumerate(x.shape[2:])]
     size = [int(n) for n in size]
     if size[axis] != x.shape[axis + 2]:
         raise ValueError(f"zoom_in_plane keeps the {x.shape[axis + 2]} slices along axis {axis}, got size {size}")
+    if size == list(x.shape[2:]):
+        return x
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
