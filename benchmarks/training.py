@@ -14,7 +14,8 @@
 * with ``--compare key=value ...``: the same in-memory steps of a second model built with those
   overrides (for example ``model.decoder=progressive``), alternating with the first in every
   round, and the ratio of their speeds;
-* preprocessing throughput in cases/s, cold (an empty cache) and cached (a second run that
+* axial slices per cached case (an epoch over every slice of N cases is N times that);
+* preprocessing throughput in cases/s, cold (an empty cache, ``--workers`` processes) and cached (a second run that
   verifies and reuses every entry).
 
 The cases are the built-in synthetic set (``--cases`` of them, generated on first use).
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common import machine, section, table, write_result  # noqa: I001
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cases", type=int, default=10, help="built-in synthetic cases to preprocess and train on")
     ap.add_argument("--steps", type=int, default=40, help="training steps per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (data path, in memory)")
+    ap.add_argument("--workers", type=int, default=1, help="preprocessing worker processes (preprocess --workers)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/training.json)")
     ap.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="overrides of a second model timed on the same in-memory batches")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.num_workers=0)")
@@ -72,16 +75,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache = Path(tmp) / "cache"
         with section("preprocessing, cold"):
             start = time.perf_counter()
-            preprocess_dataset(raw, cache, cfg.data, progress=False)
+            preprocess_dataset(raw, cache, cfg.data, progress=False, workers=args.workers)
             cold = time.perf_counter() - start
         with section("preprocessing, cached"):
             start = time.perf_counter()
             res = preprocess_dataset(raw, cache, cfg.data, progress=False)
             cached = time.perf_counter() - start
             assert len(res.reused) == args.cases, res
-        result["preprocess_cases_per_s"] = {"cold": args.cases / cold, "cached": args.cases / cached}
+        result["preprocess_cases_per_s"] = {"cold": args.cases / cold, "cached": args.cases / cached, "workers": args.workers}
 
         train_dirs, _ = split_cases(cache, cfg.data.fold)
+        # axial slices per cached case: what one pass over every slice of a dataset would cost
+        result["slices_per_case"] = float(np.mean([np.load(d / "image.npy", mmap_mode="r").shape[0] for d in train_dirs]))
         cfg.train.slices_per_epoch = args.steps * cfg.train.batch_size * runtime.world_size
         loader = build_train_loader(cfg, train_dirs, runtime)
         trainer = Trainer.build(cfg, runtime, len(loader))
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["ratio data path / in memory", ratio, "(goal ≥ 0.9)"],
         ["training, in memory, with the moving average", sum(with_ema) / len(with_ema), "slices/s"],
         ["ratio with / without the moving average", ema_ratio, ""],
-        ["preprocessing, cold", result["preprocess_cases_per_s"]["cold"], "cases/s"],
+        ["axial slices per cached case", result["slices_per_case"], f"(at {cfg.data.spacing} mm)"],
+        ["preprocessing, cold", result["preprocess_cases_per_s"]["cold"], f"cases/s ({args.workers} worker(s))"],
         ["preprocessing, cached", result["preprocess_cases_per_s"]["cached"], "cases/s"],
     ]
     if other is not None:
