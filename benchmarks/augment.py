@@ -32,7 +32,7 @@ from brats_psp.data.builtin import ensure_demo_dataset
 from brats_psp.data.cache import split_cases
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import build_train_loader, seed_loader_epoch
+from brats_psp.training import build_train_loader, seed_loader_epoch, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg.train.slices_per_epoch = args.batches * cfg.train.batch_size
             loader = build_train_loader(cfg, train_dirs, runtime)
             seed_loader_epoch(loader, 0, cfg, runtime)
-            batches = list(loader)
+            batches = [to_device(b, runtime) for b in loader]  # float32 on the device, as train_step sees them
         versions = {"this": BatchAugment(cfg.data)}
         if args.against:
             versions[args.against] = module_at(args.against, tmp).BatchAugment(cfg.data)

@@ -14,6 +14,9 @@
 * with ``--compare key=value ...``: the same in-memory steps of a second model built with those
   overrides (for example ``model.decoder=progressive``), alternating with the first in every
   round, and the ratio of their speeds;
+* **loader alone**: the batches the loader delivers, moved to the device, without a step,
+  with the samples as they travel (float16 images, uint8 masks) against float32 samples (as
+  before they travelled compact), alternating;
 * axial slices per cached case (an epoch over every slice of N cases is N times that);
 * preprocessing throughput in cases/s, cold (an empty cache, ``--workers`` processes) and cached (a second run that
   verifies and reuses every entry).
@@ -44,7 +47,7 @@ from brats_psp.data.builtin import ensure_demo_dataset
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.data.cache import split_cases
 from brats_psp.runtime import setup_runtime
-from brats_psp.training import Trainer, augmented_batches, build_train_loader, loader_workers, seed_loader_epoch, train_step
+from brats_psp.training import Trainer, augmented_batches, build_train_loader, loader_workers, seed_loader_epoch, to_device, train_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -108,6 +111,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.cuda.synchronize()
             return n / (time.perf_counter() - start)
 
+        def loader_alone(loader: Any) -> float:
+            start = time.perf_counter()
+            n = 0
+            for batch in loader:
+                n += to_device(batch, runtime)["image"].shape[0]
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            return n / (time.perf_counter() - start)
+
+        float32_loader = build_train_loader(cfg, train_dirs, runtime)
+        float32_loader.dataset.compact = False  # type: ignore[attr-defined]  # before its workers start
+        alone: dict[str, list[float]] = {"compact": [], "float32": []}
+        with section("loader alone: compact samples, then float32 samples"):
+            for r in range(args.rounds + 1):  # the first round starts the workers: not counted
+                for name, ldr in (("compact", loader), ("float32", float32_loader)):
+                    seed_loader_epoch(ldr, 100 + r, cfg, runtime)
+                    rate = loader_alone(ldr)
+                    if r:
+                        alone[name].append(rate)
+            print("   " + ", ".join(f"{name} {sum(v) / len(v):.1f} slices/s" for name, v in alone.items()))
+        del float32_loader
+        result["loader_alone_slices_per_s"] = alone
+
         augment = BatchAugment(cfg.data)
         with section("warm-up"):
             seed_loader_epoch(loader, 0, cfg, runtime)
@@ -142,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["ratio data path / in memory", ratio, "(goal ≥ 0.9)"],
         ["training, in memory, with the moving average", sum(with_ema) / len(with_ema), "slices/s"],
         ["ratio with / without the moving average", ema_ratio, ""],
+        ["loader alone, compact samples", sum(alone["compact"]) / len(alone["compact"]), "slices/s"],
+        ["loader alone, float32 samples", sum(alone["float32"]) / len(alone["float32"]), "slices/s"],
+        ["ratio compact / float32", sum(alone["compact"]) / sum(alone["float32"]), "(> 1: compact is faster)"],
         ["axial slices per cached case", result["slices_per_case"], f"(at {cfg.data.spacing} mm)"],
         ["preprocessing, cold", result["preprocess_cases_per_s"]["cold"], f"cases/s ({args.workers} worker(s))"],
         ["preprocessing, cached", result["preprocess_cases_per_s"]["cached"], "cases/s"],

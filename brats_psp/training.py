@@ -264,7 +264,7 @@ def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) ->
     trains, ``prefetch_factor`` batches ahead each; batches are pinned for a GPU.
     """
     workers = loader_workers(cfg.train.num_workers, runtime)
-    dataset = SliceDataset(train_dirs, cfg.data.context_slices, slice_transforms(cfg.data, train=True), cfg.data.planes)
+    dataset = SliceDataset(train_dirs, cfg.data.context_slices, slice_transforms(cfg.data, train=True), cfg.data.planes, compact=True)
     sampler = TumourRatioSampler(
         dataset.has_tumour, cfg.train.slices_per_epoch, cfg.data.tumour_ratio, cfg.train.seed, runtime.rank, runtime.world_size
     )
@@ -296,9 +296,18 @@ def seed_loader_epoch(loader: DataLoader, epoch: int, cfg: Config, runtime: Runt
     torch.manual_seed(cfg.train.seed * 100_003 + epoch + runtime.rank)
 
 
+#: The batch entries that travel compact (float16 images, uint8 masks) and are float32 on the device.
+_FLOAT_KEYS = ("image", "label", "presence")
+
+
 def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
-    """The batch's tensors on the runtime's device (asynchronous from pinned memory)."""
-    return {k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on the runtime's device (asynchronous from pinned memory); image,
+    masks and presence as float32 there, whatever dtype they travelled in."""
+    out = {k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    for k in _FLOAT_KEYS:
+        if k in out and out[k].dtype != torch.float32:
+            out[k] = out[k].float()
+    return out
 
 
 def augmented_batches(loader: DataLoader, augment: BatchAugment, epoch: int, cfg: Config, runtime: Runtime) -> Iterator[dict[str, Any]]:

@@ -108,6 +108,27 @@ def test_a_sample_seed_fixes_its_crop_whatever_the_transform_drew_before(cache: 
     assert not torch.equal(first["image"], other["image"])
 
 
+def test_compact_samples_hold_the_same_values_in_fewer_bytes(cache: Path) -> None:
+    """What a training loader sends (float16 image, uint8 masks) is, once on the device as
+    float32, exactly the float32 sample, crop and all."""
+    from brats_psp.runtime import setup_runtime
+    from brats_psp.training import to_device
+
+    train, _ = split_cases(cache, fold=0)
+    cfg = DataConfig(slice_size=[16, 16], context_slices=1)
+    plain = SliceDataset(train, 1, slice_transforms(cfg, train=True))
+    compact = SliceDataset(train, 1, slice_transforms(cfg, train=True), compact=True)
+    runtime = setup_runtime("cpu", "fp32", 1)
+    for i in (0, int(np.flatnonzero(plain.has_tumour)[0])):
+        a, b = plain[(i, 5)], compact[(i, 5)]
+        assert b["image"].dtype == torch.float16 and b["label"].dtype == torch.uint8
+        assert b["image"].nbytes * 2 == a["image"].nbytes and b["label"].nbytes * 4 == a["label"].nbytes
+        on_device = to_device({k: v[None] if isinstance(v, torch.Tensor) else v for k, v in b.items()}, runtime)
+        for key in ("image", "label", "presence"):
+            assert on_device[key].dtype == torch.float32
+            assert torch.equal(on_device[key][0], a[key]), key
+
+
 def test_loader_batches_do_not_depend_on_the_workers(cache: Path) -> None:
     """Per-sample seeds: 0 workers, and 2 persistent workers over two epochs, give the same batches."""
     from torch.utils.data import DataLoader

@@ -192,17 +192,17 @@ class CachedVolume:
         x, y, z = self.meta["shape"]
         return (x, y, z)[axis]
 
-    def slab(self, i: int, context: int, axis: int = 2) -> np.ndarray:
-        """float32 (4·(2k+1), A, B): slice ``i`` along spatial ``axis`` with ``context`` neighbours
-        each side (edges repeated); (A, B) are the other two axes in X, Y, Z order, as
-        :class:`~monai.inferers.SliceInferer` cuts them."""
+    def slab(self, i: int, context: int, axis: int = 2, dtype: Any = np.float32) -> np.ndarray:
+        """(4·(2k+1), A, B) in ``dtype``: slice ``i`` along spatial ``axis`` with ``context``
+        neighbours each side (edges repeated); (A, B) are the other two axes in X, Y, Z order,
+        as :class:`~monai.inferers.SliceInferer` cuts them."""
         idx = np.clip(np.arange(i - context, i + context + 1), 0, self.length(axis) - 1)
         if axis == 2:  # axial: contiguous rows of the (Z, C, X, Y) cache
-            slab = np.asarray(self.image[idx] if context else self.image[i : i + 1], dtype=np.float32)
+            slab = np.asarray(self.image[idx] if context else self.image[i : i + 1], dtype=dtype)
         elif axis == 1:  # coronal: (Z, C, X, k) -> (k, C, X, Z)
-            slab = np.asarray(self.image[:, :, :, idx], dtype=np.float32).transpose(3, 1, 2, 0)
+            slab = np.asarray(self.image[:, :, :, idx], dtype=dtype).transpose(3, 1, 2, 0)
         else:  # sagittal: (Z, C, k, Y) -> (k, C, Y, Z)
-            slab = np.asarray(self.image[:, :, idx, :], dtype=np.float32).transpose(2, 1, 3, 0)
+            slab = np.asarray(self.image[:, :, idx, :], dtype=dtype).transpose(2, 1, 3, 0)
         return np.ascontiguousarray(slab).reshape(-1, *slab.shape[2:])
 
     def label_slice(self, i: int, axis: int = 2) -> np.ndarray:

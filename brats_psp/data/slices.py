@@ -157,6 +157,10 @@ class SliceDataset(Dataset):
     """2D slices of preprocessed cases, indexed flat over (case, plane, slice).
 
     ``planes`` chooses the slice directions (axial by default; all three for a tri-planar model).
+    Samples are float32; with ``compact`` the image keeps the cache's float16 and the region
+    masks are uint8 (the same values, in half the bytes or less: what a training loader's
+    workers stack, share and pin; :func:`brats_psp.training.to_device` makes them float32 on
+    the device).
     """
 
     def __init__(
@@ -165,9 +169,11 @@ class SliceDataset(Dataset):
         context_slices: int = 0,
         transform: Compose | None = None,
         planes: Sequence[str] = ("axial",),
+        compact: bool = False,
     ) -> None:
         self.volumes = [CachedVolume(d) for d in case_dirs]
         self.context = context_slices
+        self.compact = compact
         self.transform = transform
         self.axes = [PLANE_AXES[p] for p in planes]
         rows = [(v, a, i) for v, vol in enumerate(self.volumes) for a in self.axes for i in range(vol.length(a))]
@@ -192,15 +198,16 @@ class SliceDataset(Dataset):
         vol = self.volumes[v]
         if seed is not None and self.transform is not None:
             reseed(self.transform, seed)
+        image_dtype, label_dtype = (torch.float16, torch.uint8) if self.compact else (torch.float32, torch.float32)
         sample = {
-            "image": torch.from_numpy(vol.slab(z, self.context, axis)),
-            "label": torch.from_numpy(tissue_to_regions(vol.label_slice(z, axis)).astype(np.float32)),
+            "image": torch.from_numpy(vol.slab(z, self.context, axis, dtype=np.float16 if self.compact else np.float32)),
+            "label": torch.from_numpy(tissue_to_regions(vol.label_slice(z, axis))).to(label_dtype),
         }
         if self.transform is not None:
             with _plain_tensors():
                 sample = self.transform(sample)
-        image = torch.as_tensor(sample["image"], dtype=torch.float32).contiguous()
-        label = torch.as_tensor(sample["label"], dtype=torch.float32).contiguous()
+        image = torch.as_tensor(sample["image"], dtype=image_dtype).contiguous()
+        label = torch.as_tensor(sample["label"], dtype=label_dtype).contiguous()
         return {
             "image": image.as_subclass(torch.Tensor),
             "label": label.as_subclass(torch.Tensor),
