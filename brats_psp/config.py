@@ -163,6 +163,7 @@ class TrainConfig:
     alpha: float = 1.0  # weight of the class-head BCE
     aux_weight: float = 0.4  # weight of the deep-supervision term
     val_every: int = 2  # epochs between validations on whole volumes
+    val_tta: bool = False  # flip TTA in those validations (4 passes); calibration after training always uses infer.tta
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -16,6 +16,7 @@ talks to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -157,8 +158,11 @@ def validate(
     """Mean Dice per region over whole validation volumes (preprocessed space).
 
     Each process scores its share of the cases; the result is the mean over all of them.
-    Returns the metrics and, on rank 0, the first case's arrays for the overlay figure.
+    Flip TTA only with ``train.val_tta`` (and ``infer.tta``): the checkpoint is chosen on plain
+    passes, a quarter of the cost. Returns the metrics and, on rank 0, the first case's arrays
+    for the overlay figure.
     """
+    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta=cfg.infer.tta and cfg.train.val_tta))
     scores: list[list[float]] = []
     example = None
     mine = case_dirs[runtime.rank :: runtime.world_size]

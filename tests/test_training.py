@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -240,3 +241,25 @@ def test_system_metrics_are_logged_when_asked(tiny_data: Path, tmp_path: Path, m
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     logged = set(client.get_run(on.run_id).data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= logged
+
+
+def test_validation_uses_flip_tta_only_when_asked(tiny_data: Path, tmp_path: Path) -> None:
+    """``train.val_tta`` false (the default): validation's Dice is that of plain passes even
+    when ``infer.tta`` is on; true: that of the flipped passes, as ``infer`` segments."""
+    from brats_psp.data.preprocess import preprocess_dataset
+    from brats_psp.data.cache import split_cases
+    from brats_psp.networks import build_network
+    from brats_psp.training import validate
+
+    cfg = smoke_config(tmp_path, "infer.tta=true", "infer.threshold=0.45")
+    preprocess_dataset(tiny_data, tmp_path / "cache", cfg.data, progress=False)
+    _, val_dirs = split_cases(tmp_path / "cache", 0)
+    runtime = setup_runtime("cpu", "fp32", 1)
+    torch.manual_seed(0)
+    net = build_network(cfg.model, cfg.data.in_channels)
+    plain, _ = validate(net, val_dirs, apply_overrides(copy.deepcopy(cfg), ["infer.tta=false"]), runtime)
+    flipped, _ = validate(net, val_dirs, apply_overrides(copy.deepcopy(cfg), ["train.val_tta=true"]), runtime)
+    default, _ = validate(net, val_dirs, cfg, runtime)
+    assert cfg.train.val_tta is False and cfg.infer.tta is True
+    assert default == plain
+    assert flipped != plain  # random weights are not flip-symmetric: TTA changes the Dice
