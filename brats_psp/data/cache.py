@@ -198,7 +198,7 @@ class CachedVolume:
         as :class:`~monai.inferers.SliceInferer` cuts them."""
         idx = np.clip(np.arange(i - context, i + context + 1), 0, self.length(axis) - 1)
         if axis == 2:  # axial: contiguous rows of the (Z, C, X, Y) cache
-            slab = np.asarray(self.image[idx] if context else self.image[i : i + 1], dtype=dtype)
+            slab = np.array(self.image[idx] if context else self.image[i : i + 1], dtype=dtype)  # a copy: writable, off the memmap
         elif axis == 1:  # coronal: (Z, C, X, k) -> (k, C, X, Z)
             slab = np.asarray(self.image[:, :, :, idx], dtype=dtype).transpose(3, 1, 2, 0)
         else:  # sagittal: (Z, C, k, Y) -> (k, C, Y, Z)
