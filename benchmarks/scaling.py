@@ -92,19 +92,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                          "--output", str(out), "--workers", str(w)])
                     shutil.rmtree(out)
                     print(f"   {seconds[w][n]:.1f} s")
-        result["inference"] = {}
+        fits: dict[int, dict[str, Any]] = {}
         for w, by_n in seconds.items():
             ns = np.array(sorted(by_n), dtype=float)
             ts = np.array([by_n[int(n)] for n in ns])
             per_case, startup = np.polyfit(ns, ts, 1) if len(ns) > 1 else (float("nan"), float("nan"))
-            result["inference"][f"workers_{w}"] = {"seconds": {str(k): v for k, v in by_n.items()}, "fit_startup_s": startup,
-                                                   "fit_per_case_s": per_case, "fit_cases_per_s": 1 / per_case}
-            if len(args.infer_workers) == 1:  # the layout of the results before --infer-workers
-                result["inference"].update(result["inference"].pop(f"workers_{w}"))
+            fits[w] = {"seconds": {str(k): v for k, v in by_n.items()}, "fit_startup_s": startup,
+                       "fit_per_case_s": per_case, "fit_cases_per_s": 1 / per_case}
             for n in ns:
                 t = by_n[int(n)]
                 rows.append([f"infer --workers {w}, {int(n)} case(s)", t, t / n, startup + per_case * n, "s (fit: start-up + n × per case)"])
             rows.append([f"infer --workers {w}, once running", 1 / per_case, "", "", "cases/s (1 / fit's per case)"])
+        # one --workers value: the layout of the results before --infer-workers
+        result["inference"] = next(iter(fits.values())) if len(fits) == 1 else {f"workers_{w}": fit for w, fit in fits.items()}
 
         train = {}
         for p in args.procs:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append([f"train, {p} process(es)", r["slices_per_s"], r["slices_per_s"] / base, "", "slices/s (× vs first)"])
     print()
     print(table(rows, ["measurement", "value", "per case / ratio", "fit", "unit"]))
-    for w, fit in ((w, result["inference"].get(f"workers_{w}", result["inference"])) for w in args.infer_workers):
+    for w, fit in fits.items():
         print(f"\ninfer --workers {w}: start-up {fit['fit_startup_s']:.1f} s paid once, then {fit['fit_per_case_s']:.2f} s per case; {machine()['cpu']}")
     write_result("scaling", result, args.out)
     return result
