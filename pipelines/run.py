@@ -59,12 +59,10 @@ def demo_data(args: argparse.Namespace) -> int:
 
 @stage("preprocess")
 def preprocess(args: argparse.Namespace) -> int:
-    from brats_psp.cpus import default_workers
     from brats_psp.data.preprocess import preprocess_dataset
 
     cfg = _config(args)
-    workers = args.workers if args.workers > 0 else default_workers()
-    result = preprocess_dataset(args.data, args.out, cfg.data, progress=True, workers=workers)
+    result = preprocess_dataset(args.data, args.out, cfg.data, progress=True, workers=max(args.workers, 0))
     log.info("processed %d, reused %d; datalist %s, summary %s", len(result.processed), len(result.reused), result.datalist, result.summary)
     return _report_failures(result.failures, "preprocessing")
 
@@ -229,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("preprocess", "run the volume transforms once per case and cache slices, a datalist and a summary")
     p.add_argument("--data", required=True, help="dataset folder (any layout), case folder or datalist JSON")
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per available core, at most 8)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per available core, at most 8, and one per 4 cases)")
 
     p = add("show-data", "figure of a few cases: the four contrasts and the labels")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")

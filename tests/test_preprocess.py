@@ -155,3 +155,17 @@ def test_workers_write_the_same_cache_as_one_process(small_dataset: Path, tmp_pa
         a, b = (json.loads((d / "meta.json").read_text()) for d in (case, other))
         assert a == b
     assert (tmp_path / "one" / "datalist.json").read_text() == (tmp_path / "two" / "datalist.json").read_text()
+
+
+def test_automatic_workers_start_one_process_per_four_cases() -> None:
+    from brats_psp.cpus import default_workers
+    from brats_psp.data.preprocess import MIN_CASES_PER_WORKER, auto_workers
+
+    assert auto_workers(0) == auto_workers(MIN_CASES_PER_WORKER * 2 - 1) == 1  # a worker would cost more than it saves
+    assert auto_workers(MIN_CASES_PER_WORKER * 2) == min(2, default_workers())
+    assert auto_workers(10_000) == default_workers()
+
+
+def test_a_negative_worker_count_is_refused(small_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        preprocess_dataset(small_dataset, tmp_path / "cache", progress=False, workers=-1)

@@ -79,6 +79,11 @@ def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> No
     with torch.inference_mode():
         probs = model(torch.randn(2, 4, 40, 36))
     assert probs.shape == (2, 3, 40, 36) and float(probs.min()) >= 0 and float(probs.max()) <= 1
+    # its environment names what loading it needs, pinned to what trained it
+    from importlib.metadata import version
+
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model/requirements.txt")).read_text().split()
+    assert f"torch=={version('torch').split('+')[0]}" in requirements and f"brats-psp=={version('brats-psp')}" in requirements
 
     state = load_checkpoint(result.best_checkpoint)
     assert config_of(state).train.epochs == 2

@@ -57,7 +57,7 @@ def ensure_training_cache(cfg: DataConfig, data: str | Path | None = None, progr
 
     source = resolve_data_source(cfg, data)
     out = cache_folder_for(source, cfg)
-    result = preprocess_dataset(source, out, cfg, progress=progress, workers=default_workers())
+    result = preprocess_dataset(source, out, cfg, progress=progress, workers=0)
     if result.failures:
         log.warning("%d case(s) could not be preprocessed and are left out:", len(result.failures))
         for err in result.failures:
