@@ -14,6 +14,10 @@ convention. Cases without one are segmented and drawn, not scored. Writes to ``-
   predicted and reference, the mean over scored cases, the model and the infer settings;
 * ``real_scans.png``: one row per case (FLAIR, T1ce, the prediction, the reference) at the
   slice with most reference tumour (else most predicted tumour);
+* ``<id>_slices.png`` for every scored case: eight axial slices evenly across the tumour's
+  extent (reference or prediction), cropped to it, with T1ce, FLAIR, the prediction and the
+  reference, and each slice's tumour-core sensitivity: where along the tumour a model
+  loses the core (``tc_by_slice`` in the JSON holds the numbers for every slice);
 * ``without_contrast``: every case segmented again with its T1ce replaced by its T1, as if no
   contrast agent had been given (``--no-contrast-check`` skips it). Nothing enhances there, so
   the enhancing tumour predicted (``without_contrast`` in the JSON, in mL, beside the volumes
@@ -40,7 +44,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/real_scans.py` from a
 
 from brats_psp.config import apply_overrides  # noqa: E402
 from brats_psp.data.discovery import discover_cases  # noqa: E402
-from brats_psp.labels import REGION_NAMES, release_to_regions, release_to_tissue  # noqa: E402
+from brats_psp.labels import REGION_NAMES, REGIONS, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
 from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
 
@@ -88,22 +92,16 @@ def score_case(pred_path: Path, ref_path: Path, release: str) -> dict[str, Any]:
 def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     """One row per case: FLAIR, T1ce, prediction on T1ce, reference on T1ce (RAS, anterior up)."""
     import matplotlib
-    import nibabel as nib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from brats_psp.data.transforms import load_case_arrays
     from brats_psp.plots import save_figure, show_slice
 
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, 3.0 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         case = row["case"]
-        image, _, ref_img = load_case_arrays(case, with_label=False)
-        ornt = nib.orientations.ornt_transform(nib.io_orientation(ref_img.affine), nib.orientations.axcodes2ornt("RAS"))
-        image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
-        pred = release_to_tissue(_ras(row["prediction"])[0], case.labels)
-        ref = release_to_tissue(_ras(row["reference"])[0], case.labels) if row["reference"] else None
+        image, pred, ref = _oriented_case(row)
         focus = ref if ref is not None and ref.any() else pred
         z = int(np.argmax((focus > 0).sum(axis=(0, 1)))) if focus.any() else image.shape[-1] // 2
         flair, t1ce = image[3, :, :, z], image[1, :, :, z]
@@ -118,6 +116,62 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
             ax_row[3].axis("off")
             ax_row[3].set_title("no reference", fontsize=9)
     fig.suptitle("real scans: NCR red, ED green, ET yellow (Dice WT / TC / ET)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def _oriented_case(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The case's four contrasts (4, X, Y, Z), its prediction and reference tissue maps, all RAS."""
+    import nibabel as nib
+
+    from brats_psp.data.transforms import load_case_arrays
+
+    case = row["case"]
+    image, _, ref_img = load_case_arrays(case, with_label=False)
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(ref_img.affine), nib.orientations.axcodes2ornt("RAS"))
+    image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
+    pred = release_to_tissue(_ras(row["prediction"])[0], case.labels)
+    ref = release_to_tissue(_ras(row["reference"])[0], case.labels) if row["reference"] else None
+    return image, pred, ref
+
+
+def tc_by_slice(pred: np.ndarray, ref: np.ndarray) -> list[dict[str, int]]:
+    """Per axial slice with tumour core in the prediction or the reference: its voxels in each and in both."""
+    p, r = np.isin(pred, list(REGIONS["TC"])), np.isin(ref, list(REGIONS["TC"]))
+    rows = []
+    for z in np.flatnonzero((p | r).any(axis=(0, 1))):
+        rows.append({"z": int(z), "ref": int(r[..., z].sum()), "pred": int(p[..., z].sum()), "both": int((p[..., z] & r[..., z]).sum())})
+    return rows
+
+
+def plot_slices(row: dict[str, Any], out: Path, n: int = 8) -> Path:
+    """Columns: ``n`` axial slices evenly across the tumour's extent; rows: T1ce, FLAIR, the
+    prediction and the reference on T1ce, cropped to the tumour with a 10-voxel margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from brats_psp.plots import save_figure, show_slice
+
+    image, pred, ref = _oriented_case(row)
+    tumour = (pred > 0) | (ref > 0)
+    xs, ys, zs = (np.flatnonzero(tumour.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    if not zs.size:
+        zs = xs = ys = np.array([0, image.shape[-1] - 1])
+    box = (slice(max(xs[0] - 10, 0), xs[-1] + 11), slice(max(ys[0] - 10, 0), ys[-1] + 11))
+    core_pred, core_ref = np.isin(pred, list(REGIONS["TC"])), np.isin(ref, list(REGIONS["TC"]))
+    picks = np.unique(np.linspace(zs[0], zs[-1], n).round().astype(int))
+    fig, axes = plt.subplots(4, len(picks), figsize=(1.9 * len(picks), 8.4), squeeze=False)
+    for col, z in enumerate(picks):
+        t1ce, flair = image[1][box + (z,)], image[3][box + (z,)]
+        in_ref = int(core_ref[box + (z,)].sum())
+        sens = f"TC sens. {(core_pred & core_ref)[box + (z,)].sum() / in_ref:.2f}" if in_ref else "no ref. TC"
+        show_slice(axes[0, col], t1ce, title=f"z={z}\nT1ce")
+        show_slice(axes[1, col], flair, title="FLAIR")
+        show_slice(axes[2, col], t1ce, pred[box + (z,)], title=f"prediction\n{sens}")
+        show_slice(axes[3, col], t1ce, ref[box + (z,)], title="reference")
+    fig.suptitle(f"{row['case'].case_id}: slices across the tumour (NCR red, ED green, ET yellow)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)
 
@@ -159,7 +213,7 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         raise SystemExit(f"no cases found under {real}")
     pred_dir = out / "predictions"
     result = segment_cases(models, real, pred_dir, cfg, progress=True)
-    rows, scored, predicted_ml = [], {}, {}
+    rows, scored, predicted_ml, by_slice = [], {}, {}, {}
     for case in found.cases:
         pred = result.written.get(case.case_id)
         if pred is None:
@@ -169,6 +223,8 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
         if ref is not None:
             row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
+            _, pred_tissue, ref_tissue = _oriented_case(row)
+            by_slice[case.case_id] = tc_by_slice(pred_tissue, ref_tissue)
         rows.append(row)
     mean = {
         region: {key: float(np.mean([s[region][key] for s in scored.values()])) for key in ("dice", "hd95")}
@@ -184,12 +240,16 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         "mean": mean,
         "failed": [str(f) for f in result.failures],
         "predicted_ml": predicted_ml,
+        "tc_by_slice": by_slice,
     }
     if contrast_check:
         summary["without_contrast"] = without_contrast(models, found.cases, out / "without_contrast", cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_scans.json").write_text(json.dumps(summary, indent=2))
     plot(rows, out / "real_scans.png")
+    for row in rows:
+        if row["reference"] is not None:
+            plot_slices(row, out / f"{row['case'].case_id}_slices.png")
     return summary
 
 
@@ -222,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     unscored = [c for c in summary["cases"] if c not in summary["scored"]]
     if unscored:
         print(f"segmented without a reference (see the figure): {', '.join(unscored)}")
-    print(f"wrote {args.out / 'real_scans.json'} and {args.out / 'real_scans.png'}")
+    print(f"wrote {args.out / 'real_scans.json'}, {args.out / 'real_scans.png'} and a <case>_slices.png per scored case")
     return 0
 
 

@@ -66,6 +66,11 @@ def test_real_scan_check_segments_scores_and_draws(tmp_path: Path) -> None:
         assert 0.0 <= scores[region]["dice"] <= 1.0 and scores[region]["hd95"] >= 0.0
     assert result["mean"]["WT"]["dice"] == scores["WT"]["dice"]
     assert (out / "real_scans.png").stat().st_size > 10_000
+    # the slices across the tumour: a figure, and every slice with reference core counted
+    assert (out / f"{REAL_CASE.name}_slices.png").stat().st_size > 10_000
+    by_slice = result["tc_by_slice"][REAL_CASE.name]
+    assert sum(s["ref"] for s in by_slice) == np.isin(ref, [1, 3]).sum()
+    assert all(s["both"] <= min(s["ref"], s["pred"]) for s in by_slice)
     assert "segmented without a reference" in proc.stdout
 
 
