@@ -58,7 +58,7 @@ from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_rele
 from brats_psp.runtime import Runtime, setup_runtime
 
 __all__ = [
-    "PreparedCase", "SegmentResult", "ensemble_config", "fill_core", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
+    "PreparedCase", "SegmentResult", "ensemble_config", "fill_core", "fill_rim_hull", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
     "segment_cases", "write_case",
 ]
 
@@ -116,6 +116,7 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     * ``small_et_voxels``: when the whole prediction has fewer ET voxels than this, they become NCR
       (the rule that wins points on cases without enhancing tumour).
     * ``fill_core``: tumour enclosed by the core becomes necrosis (:func:`fill_core`).
+    * ``rim_hull``: edema inside an enhancing rim's convex hull becomes necrosis (:func:`fill_rim_hull`).
     """
     if cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0:
         labelled, n = ndimage.label(tissue > 0, structure=np.ones((3, 3, 3), bool))
@@ -133,6 +134,8 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
             tissue[et] = Tissue.NCR
     if cfg.fill_core:
         fill_core(tissue)
+    if cfg.rim_hull:
+        fill_rim_hull(tissue)
     return tissue
 
 
@@ -161,6 +164,53 @@ def fill_core(tissue: np.ndarray) -> np.ndarray:
                 enclosed[index] |= ndimage.binary_fill_holes(ndimage.binary_closing(plane, square, border_value=0))
     sub[enclosed & ~core & (sub != Tissue.BACKGROUND)] = Tissue.NCR
     return tissue
+
+
+#: Enhancing components smaller than this (pixels of one slice) are not hulled by :func:`fill_rim_hull`.
+RIM_HULL_MIN_PIXELS = 20
+
+
+def fill_rim_hull(tissue: np.ndarray, min_pixels: int = RIM_HULL_MIN_PIXELS) -> np.ndarray:
+    """Edema inside the convex hull of an enhancing rim becomes necrosis (in place and returned).
+
+    :func:`fill_core` fills what the core closes around; a glioblastoma's enhancing wall is often
+    open in a slice (where it meets the brain's surface, or where it is too thin to see), and then
+    nothing is enclosed. Here, in each axial, coronal and sagittal slice, every 8-connected
+    component of ET of at least ``min_pixels`` pixels is replaced by its convex hull (per
+    component, so that two separate foci are not bridged), and the hull's pixels that the
+    prediction calls edema become NCR. Background, NCR and ET are left as they are.
+    """
+    et = tissue == Tissue.ET
+    box = ndimage.find_objects(et.astype(np.uint8))
+    if not box:
+        return tissue
+    et, sub = et[box[0]], tissue[box[0]]
+    hull = np.zeros_like(et)
+    eight = np.ones((3, 3), bool)
+    for axis in range(et.ndim):
+        for i in range(et.shape[axis]):
+            index = (slice(None),) * axis + (i,)
+            labelled, n = ndimage.label(et[index], eight)
+            for k, component in enumerate(ndimage.find_objects(labelled), start=1):
+                part = labelled[component] == k
+                if part.sum() >= min_pixels:
+                    hull[index][component] |= _convex_hull(part)
+    sub[hull & (sub == Tissue.ED)] = Tissue.NCR
+    return tissue
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a 2D mask's convex hull (pixel centres inside or on it); the mask itself
+    where its pixels are collinear."""
+    from scipy.spatial import Delaunay, QhullError
+
+    points = np.argwhere(mask)
+    try:
+        triangles = Delaunay(points)
+    except QhullError:
+        return mask
+    grid = np.argwhere(np.ones_like(mask))
+    return mask | (triangles.find_simplex(grid) >= 0).reshape(mask.shape)
 
 
 def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:

@@ -16,7 +16,7 @@ from brats_psp.data.discovery import discover_cases
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.labels import RELEASES, Tissue
 from brats_psp.networks import build_network
-from brats_psp.segment import fill_core, postprocess, segment_cases
+from brats_psp.segment import fill_core, fill_rim_hull, postprocess, segment_cases
 from tests.conftest import CASE_IDS, REPO, write_case
 
 
@@ -332,6 +332,40 @@ def test_fill_core_makes_what_the_rim_encloses_necrosis() -> None:
     np.testing.assert_array_equal(fill_core(open_rim.copy()), open_rim)
     empty = np.zeros((5, 5, 5), np.uint8)
     assert not fill_core(empty).any()
+
+
+def test_rim_hull_fills_an_open_rim_but_does_not_bridge_two_foci() -> None:
+    t = _ring_case()
+    disc = (np.hypot(*(np.mgrid[:30, :30] - 15)) < 5)[..., None] & (t == Tissue.ED)
+    # a rim open over a quarter (where it meets the brain's surface, say): its inside becomes core
+    open_rim = t.copy()
+    open_rim[15:, 15:, :][open_rim[15:, 15:, :] == Tissue.ET] = Tissue.ED
+    out = fill_rim_hull(open_rim.copy())
+    assert (out[:15, :15][disc[:15, :15]] == Tissue.NCR).all()  # the closed three quarters' inside
+    assert out[16, 16, 5] == Tissue.NCR and out[18, 18, 5] == Tissue.ED  # the open quarter: up to the chord between the rim's ends
+    assert (out[0:3, :, 2:10] == open_rim[0:3, :, 2:10]).all()  # outside the hull: kept
+    assert set(np.unique(out[out != open_rim])) == {Tissue.NCR} and (open_rim[out != open_rim] == Tissue.ED).all()
+    # two separate enhancing foci in the same slices: the edema between them is not bridged
+    foci = np.full((40, 20, 6), Tissue.ED, np.uint8)
+    foci[2:10, 5:15, :] = Tissue.ET
+    foci[30:38, 5:15, :] = Tissue.ET
+    np.testing.assert_array_equal(fill_rim_hull(foci.copy()), foci)
+    # a component under the size limit is not hulled; nothing enhancing, nothing changes
+    tiny = np.full((12, 12, 3), Tissue.ED, np.uint8)
+    tiny[5, 3:8, 1] = tiny[3:8, 5, 1] = Tissue.ET  # a cross of 9 pixels
+    np.testing.assert_array_equal(fill_rim_hull(tiny.copy()), tiny)
+    assert (fill_rim_hull(tiny.copy(), min_pixels=5)[4, 4, 1]) == Tissue.NCR
+    assert not fill_rim_hull(np.zeros((5, 5, 5), np.uint8)).any()
+
+
+def test_postprocess_hulls_the_rim_only_when_asked() -> None:
+    t = _ring_case()
+    t[15:, 15:, :][t[15:, 15:, :] == Tissue.ET] = Tissue.ED  # open
+    base = load_config(None, ["infer.small_et_voxels=0"]).infer
+    assert not base.rim_hull
+    np.testing.assert_array_equal(postprocess(t.copy(), base), fill_core(t.copy()))
+    hulled = load_config(None, ["infer.small_et_voxels=0", "infer.rim_hull=true"]).infer
+    np.testing.assert_array_equal(postprocess(t.copy(), hulled), fill_rim_hull(fill_core(t.copy())))
 
 
 def test_postprocess_fills_the_core_by_default() -> None:
