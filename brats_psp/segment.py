@@ -201,16 +201,21 @@ def fill_rim_hull(tissue: np.ndarray, min_pixels: int = RIM_HULL_MIN_PIXELS) -> 
 
 def _convex_hull(mask: np.ndarray) -> np.ndarray:
     """The pixels of a 2D mask's convex hull (pixel centres inside or on it); the mask itself
-    where its pixels are collinear."""
-    from scipy.spatial import Delaunay, QhullError
+    where its pixels are collinear.
 
-    points = np.argwhere(mask)
+    The hull's facets as half-planes (Qhull), tested on every pixel of the mask's box at once:
+    a few milliseconds even for a component that fills a slice.
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    edge = mask & ~ndimage.binary_erosion(mask)  # the hull of a component is that of its edge pixels
     try:
-        triangles = Delaunay(points)
+        hull = ConvexHull(np.argwhere(edge))
     except QhullError:
         return mask
-    grid = np.argwhere(np.ones_like(mask))
-    return mask | (triangles.find_simplex(grid) >= 0).reshape(mask.shape)
+    grid = np.indices(mask.shape).reshape(2, -1).T.astype(np.float64)
+    inside = (grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9).all(axis=1)
+    return mask | inside.reshape(mask.shape)
 
 
 def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:

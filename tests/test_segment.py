@@ -358,19 +358,20 @@ def test_rim_hull_fills_an_open_rim_but_does_not_bridge_two_foci() -> None:
     assert not fill_rim_hull(np.zeros((5, 5, 5), np.uint8)).any()
 
 
-def test_postprocess_hulls_the_rim_only_when_asked() -> None:
+def test_postprocess_hulls_the_rim_by_default() -> None:
     t = _ring_case()
     t[15:, 15:, :][t[15:, 15:, :] == Tissue.ET] = Tissue.ED  # open
-    base = load_config(None, ["infer.small_et_voxels=0"]).infer
-    assert not base.rim_hull
-    np.testing.assert_array_equal(postprocess(t.copy(), base), fill_core(t.copy()))
-    hulled = load_config(None, ["infer.small_et_voxels=0", "infer.rim_hull=true"]).infer
+    hulled = load_config(None, ["infer.small_et_voxels=0"]).infer
+    assert hulled.rim_hull
     np.testing.assert_array_equal(postprocess(t.copy(), hulled), fill_rim_hull(fill_core(t.copy())))
+    assert (postprocess(t.copy(), hulled) != fill_core(t.copy())).any()
+    off = load_config(None, ["infer.small_et_voxels=0", "infer.rim_hull=false"]).infer
+    np.testing.assert_array_equal(postprocess(t.copy(), off), fill_core(t.copy()))
 
 
 def test_postprocess_fills_the_core_by_default() -> None:
     t = _ring_case()
-    off = load_config(None, ["infer.small_et_voxels=0", "infer.fill_core=false"]).infer
+    off = load_config(None, ["infer.small_et_voxels=0", "infer.fill_core=false", "infer.rim_hull=false"]).infer
     np.testing.assert_array_equal(postprocess(t.copy(), off), t)
     on = load_config(None, ["infer.small_et_voxels=0"]).infer
     np.testing.assert_array_equal(postprocess(t.copy(), on), fill_core(t.copy()))
@@ -453,7 +454,7 @@ def test_an_ensemble_thresholds_the_mean_of_its_models_probabilities(tmp_path: P
     info = json.loads((tmp_path / "ab" / "inference.json").read_text())
     assert info["checkpoint"] == [str(a), str(b)] and info["run_id"] is None
     # the CLI: --model repeated; the labels are the mean's, thresholded at the mean thresholds
-    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false") == 0
+    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false", "infer.rim_hull=false") == 0
     labels = np.asarray(nib.load(str(tmp_path / "cli" / "BraTS2021_00000.nii.gz")).dataobj)
     expected = np.zeros(labels.shape, np.uint8)
     wt, tc, et = (probs["ab"][..., k] > 0.4 for k in range(3))
