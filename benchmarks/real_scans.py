@@ -98,7 +98,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
 
     from brats_psp.plots import save_figure, show_slice
 
-    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 3.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 3.4 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         case = row["case"]
         image, pred, ref = _oriented_case(row)
@@ -116,7 +116,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
             ax_row[3].axis("off")
             ax_row[3].set_title("no reference", fontsize=9)
     fig.suptitle("real scans: NCR red, ED green, ET yellow (Dice WT / TC / ET)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle above the first row's two-line titles
     return save_figure(fig, out)
 
 
