@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["inference"] = next(iter(fits.values())) if len(fits) == 1 else {f"workers_{w}": fit for w, fit in fits.items()}
 
         train = {}
+        # The runs' artifacts go under the temporary folder too: MLflow's default artifact root for a
+        # SQLite store is ./mlruns of the working directory, the checkout.
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{tmp}/mlflow.db").create_experiment(
+            load_config(args.config).tracking.experiment, artifact_location=(tmp / "mlruns").as_uri()
+        )
         for p in args.procs:
             with section(f"train, torchrun --nproc_per_node {p}"):
                 out = tmp / f"train{p}"

@@ -51,10 +51,12 @@ def test_training_and_augment_benchmarks_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_scaling_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
+    before = sorted((REPO / "mlruns").rglob("*"))
     _run("scaling.py", "--config", "configs/smoke.yaml", "--cases", "1", "2", "--procs", "1", "--train-cases", "4",
          "--train-slices", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     result = json.loads(out.read_text())
     assert set(result["inference"]["seconds"]) == {"1", "2"} and result["training"]["1"]["slices_per_s"] > 0
+    assert not (REPO / "mlruns").exists() or before == sorted((REPO / "mlruns").rglob("*"))  # nothing written in the checkout
 
 
 def test_threshold_benchmark_runs(tmp_path: Path) -> None:
