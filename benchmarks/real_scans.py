@@ -90,7 +90,8 @@ def score_case(pred_path: Path, ref_path: Path, release: str) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> Path:
-    """One row per case: FLAIR, T1ce, prediction on T1ce, reference on T1ce (RAS, anterior up)."""
+    """One row per case: FLAIR, T1ce, prediction on T1ce, reference on T1ce (RAS, anterior up);
+    each row's ``arrays`` are :func:`_oriented_case`'s."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +102,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, 3.4 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         case = row["case"]
-        image, pred, ref = _oriented_case(row)
+        image, pred, ref = row["arrays"]
         focus = ref if ref is not None and ref.any() else pred
         z = int(np.argmax((focus > 0).sum(axis=(0, 1)))) if focus.any() else image.shape[-1] // 2
         flair, t1ce = image[3, :, :, z], image[1, :, :, z]
@@ -146,7 +147,8 @@ def tc_by_slice(pred: np.ndarray, ref: np.ndarray) -> list[dict[str, int]]:
 
 def plot_slices(row: dict[str, Any], out: Path, n: int = 8) -> Path:
     """Columns: ``n`` axial slices evenly across the tumour's extent; rows: T1ce, FLAIR, the
-    prediction and the reference on T1ce, cropped to the tumour with a 10-voxel margin."""
+    prediction and the reference on T1ce, cropped to the tumour with a 10-voxel margin (the
+    row's ``arrays``, as in :func:`plot`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +156,7 @@ def plot_slices(row: dict[str, Any], out: Path, n: int = 8) -> Path:
 
     from brats_psp.plots import save_figure, show_slice
 
-    image, pred, ref = _oriented_case(row)
+    image, pred, ref = row["arrays"]
     tumour = (pred > 0) | (ref > 0)
     xs, ys, zs = (np.flatnonzero(tumour.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     if not zs.size:
@@ -221,10 +223,10 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         predicted_ml[case.case_id] = region_volumes(pred, case.labels)
         ref = find_reference(refs, case.case_id)
         row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
+        row["arrays"] = _oriented_case(row)  # read once, for the numbers below and both figures
         if ref is not None:
             row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
-            _, pred_tissue, ref_tissue = _oriented_case(row)
-            by_slice[case.case_id] = tc_by_slice(pred_tissue, ref_tissue)
+            by_slice[case.case_id] = tc_by_slice(*row["arrays"][1:])
         rows.append(row)
     mean = {
         region: {key: float(np.mean([s[region][key] for s in scored.values()])) for key in ("dice", "hd95")}
