@@ -18,9 +18,7 @@ from scipy import ndimage as ndi
 from brats_psp.data import synthetic
 from brats_psp.data.layouts import LAYOUTS, MODALITIES
 from brats_psp.data.synthetic.anatomy import SITE_WEIGHTS, STRUCTURES, atrophy, load_template, random_geometry, warp_anatomy
-from brats_psp.data.synthetic import lesion as lesion_mod
-from brats_psp.data.synthetic.grid import BRATS_SHAPE
-from brats_psp.data.synthetic.lesion import LesionPlan, draw_lesion, plan_lesions
+from brats_psp.data.synthetic.lesion import plan_lesions
 from brats_psp.data.synthetic import (
     BRATS_AFFINE,
     BRATS_SHAPE,
@@ -250,42 +248,6 @@ def test_lesion_sites_sizes_and_kinds_cover_the_ranges() -> None:
     assert {p.kind for p in plans} == {"gbm", "solid", "lgg"}
     assert {p.interior for p in plans} >= {"necrotic", "cystic", "haemorrhagic", "solid", "net"}
     assert len(plans) > 240  # some cases are multifocal
-    # A third of the lesions are superficial (their core reaches the cortex), the rest deep.
-    superficial = np.mean([p.superficial for p in plans])
-    assert 0.2 < superficial < 0.5, superficial
-
-
-@pytest.mark.parametrize("wall", ["et", "net"])
-def test_superficial_high_grade_core_has_its_wall_along_the_surface(wall: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A necrotic high-grade core centred on a flat brain surface (the brain is x < 120): the
-    # core is cut flat at the surface, and the voxels next to the surface are wall (enhancing,
-    # or non-enhancing in the lesions whose wall does not enhance there), not necrosis.
-    monkeypatch.setattr(lesion_mod, "SURFACE_WALL_PROB", 1.0 if wall == "et" else 0.0)
-    brain = np.zeros(BRATS_SHAPE, bool)
-    brain[:120] = True
-    wm = brain.astype(np.float32)
-    plan = LesionPlan(
-        kind="gbm", interior="necrotic", centre_vox=np.array([120.0, 120.0, 77.0]), radii=np.array([20.0, 20.0, 20.0]),
-        orientation=np.eye(3), edema_reach=5.0, push=0.0, region="temporal", superficial=True,
-    )
-    les = draw_lesion(np.random.default_rng(3), plan, wm, brain)
-    tissue = np.zeros(BRATS_SHAPE, np.uint8)
-    tissue[les.box] = les.tissue
-    assert not tissue[120:].any()  # nothing outside the brain
-    face = tissue[119, 110:131, 67:88]  # the core's cut face, next to the surface
-    assert (face != 0).all()
-    if wall == "et":
-        assert (face == Tissue.ET).mean() > 0.9
-    else:  # the wall is there but does not enhance (only the ellipsoid's own rim does)
-        w = {k: np.zeros(BRATS_SHAPE, np.float32) for k in ("ncr", "net", "et")}
-        for k in w:
-            w[k][les.box] = les.weights[k]
-        at_face = (119, slice(110, 131), slice(67, 88))
-        assert (w["net"][at_face] + w["et"][at_face] > 0.9).mean() > 0.9
-        assert (w["ncr"][at_face] < 0.1).mean() > 0.9
-        assert (w["net"][at_face] > 0.5).mean() > 0.3
-    # deeper in, the core is still necrotic
-    assert (tissue[101:119, 120, 77] == Tissue.NCR).any()
 
 
 def test_flair_suppresses_csf(cases: list[SyntheticCase]) -> None:
