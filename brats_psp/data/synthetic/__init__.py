@@ -48,7 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever generated cases change for a given seed (the built-in cache is keyed on it).
-GENERATOR_VERSION = 8
+GENERATOR_VERSION = 7
 
 #: Merge order of overlapping lesions' labels: ET over NCR over ED over background.
 _RANK = np.array([0, 2, 1, 3, 0], np.uint8)  # by tissue code 0 BG, 1 NCR, 2 ED, 3 ET, 4 RC

@@ -22,9 +22,6 @@ A case has one lesion, or (15 %) a second, smaller one elsewhere (multifocal). E
   the core, with a diffusivity ~25x higher in white matter than in grey matter and CSF, so
   it spreads along white-matter tracts with finger-like fronts and spares the cortex; cut
   with a noisy threshold. Its reach goes from almost none to 35 mm.
-* **Surface**: a third of the lesions (``SUPERFICIAL_PROB``) grow from a site near the
-  cortex, so the core reaches the brain's surface and is cut flat there (as skull stripping
-  cuts real gliomas); a high-grade wall then runs along the surface (``_surface_wall``).
 
 Labels: core parts (necrosis, cyst, haemorrhage, non-enhancing tumour) are NCR, the
 enhancing parts ET, the edema ED, only inside the brain. The soft weights of each
@@ -53,13 +50,6 @@ LESION_CLASSES: tuple[str, ...] = ("ed", "et", "ncr", "cyst", "haem", "net")
 #: Probability that a case has a second lesion (multifocal glioma).
 MULTIFOCAL_PROB = 0.15
 
-#: Probability that a lesion is superficial: its core reaches the brain's surface (the cortex),
-#: as many gliomas do; skull stripping then cuts it flat, and a high-grade wall runs along it.
-SUPERFICIAL_PROB = 0.35
-
-#: Probability that a high-grade wall enhances where the core meets the brain's surface.
-SURFACE_WALL_PROB = 0.8
-
 
 @dataclass
 class LesionPlan:
@@ -71,7 +61,6 @@ class LesionPlan:
     edema_reach: float  # mm, typical extent of edema beyond the core
     push: float  # mass-effect strength (0: none)
     region: str  # the site's region (a key of SITE_WEIGHTS)
-    superficial: bool = False  # the site was drawn so that the core reaches the brain's surface
 
     @property
     def push_radius(self) -> float:
@@ -96,13 +85,8 @@ def _plan_one(
     radii = radius * rng.uniform(0.7, 1.3, size=3)
     orientation = rotation(rng.uniform(-np.pi, np.pi, size=3))
     names = list(SITE_WEIGHTS)
-    # A site deep enough for the lesion's size (most of the core inside the brain), or a
-    # superficial one (the core crosses the surface by up to about half its radius), by region frequency.
-    superficial = bool(rng.random() < SUPERFICIAL_PROB)
-    if superficial:
-        ok = tpl.lesion_depth <= max(0.8 * radius, 6.0)
-    else:
-        ok = tpl.lesion_depth >= min(0.5 * radius + 3.0, 18.0)
+    # A site deep enough for the lesion's size (most of the core inside the brain), by region frequency.
+    ok = tpl.lesion_depth >= min(0.5 * radius + 3.0, 18.0)
     if not ok.any():
         ok = np.ones(len(tpl.lesion_depth), bool)
     weights = np.array([SITE_WEIGHTS[names[r]] for r in tpl.site_region[ok]])
@@ -122,7 +106,7 @@ def _plan_one(
     reach_max = {"gbm": 35.0, "solid": 28.0, "lgg": 18.0}[kind]
     edema_reach = float(rng.uniform(0.5, reach_max)) * (0.6 + 0.4 * min(radius / 12.0, 1.5))
     push = float(rng.uniform(0.1, 0.45)) * min(radius / 15.0, 1.0)
-    return LesionPlan(kind, interior, centre_vox, radii, orientation, edema_reach, push, region, superficial)
+    return LesionPlan(kind, interior, centre_vox, radii, orientation, edema_reach, push, region)
 
 
 def plan_lesions(rng: np.random.Generator, index: int, geo: Geometry, tpl: Template) -> list[LesionPlan]:
@@ -223,7 +207,7 @@ def _core_parts(rng: np.random.Generator, plan: LesionPlan, d: np.ndarray, amp: 
     if plan.kind == "lgg":
         w["net"] = core_w.copy()
         if rng.random() < 0.3:  # a cyst inside the low-grade core
-            cyst = inner_part(float(rng.uniform(2.0, max(2.0, 0.6 * mean_r))))
+            cyst = inner_part(float(rng.uniform(2.0, 0.6 * mean_r)))
             w["cyst"], w["net"] = cyst, core_w - cyst
     elif plan.kind == "gbm":
         thick = float(rng.uniform(2.0, 4.0) if plan.interior == "cystic" else rng.uniform(2.0, 7.0))
@@ -253,22 +237,6 @@ def _core_parts(rng: np.random.Generator, plan: LesionPlan, d: np.ndarray, amp: 
     return core_w, w
 
 
-def _surface_wall(rng: np.random.Generator, w: dict[str, np.ndarray], core_w: np.ndarray, brain: np.ndarray) -> None:
-    """Where a high-grade core reaches the brain's surface, its wall runs along the surface:
-    the interior (necrosis, cyst, blood) within the wall's thickness of the surface becomes
-    enhancing wall (non-enhancing in ``1 - SURFACE_WALL_PROB`` of lesions). In place on ``w``."""
-    if not ((core_w > 0.5) & ~brain).any():  # the core stays inside the brain
-        return
-    thick = float(rng.uniform(2.0, 7.0))
-    depth = ndi.distance_transform_edt(brain).astype(np.float32)  # mm (1 mm voxels)
-    near = np.clip(thick + 0.5 - depth, 0.0, 1.0)
-    wall = "et" if rng.random() < SURFACE_WALL_PROB else "net"
-    for key in ("ncr", "cyst", "haem"):
-        moved = w[key] * near
-        w[key] -= moved
-        w[wall] += moved
-
-
 def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brain: np.ndarray) -> Lesion:
     """Draw the core (NCR/ET parts) and the edema of ``plan`` in a box of the output grid.
 
@@ -283,8 +251,6 @@ def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brai
     shape = tuple(int(v) for v in f_hi - f_lo)
     brain_c = brain[box]
     core_w, w = _core_parts(rng, plan, _ellipsoid_radius(plan, f_lo, shape, 1), amp)
-    if plan.kind == "gbm":
-        _surface_wall(rng, w, core_w, brain_c)
 
     # Edema: soft front from the upsampled score, outside the core.
     ed_soft = np.clip(upsample_half(score, shape) * 0.5 + 0.5, 0.0, 1.0)
