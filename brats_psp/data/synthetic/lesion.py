@@ -207,7 +207,7 @@ def _core_parts(rng: np.random.Generator, plan: LesionPlan, d: np.ndarray, amp: 
     if plan.kind == "lgg":
         w["net"] = core_w.copy()
         if rng.random() < 0.3:  # a cyst inside the low-grade core
-            cyst = inner_part(float(rng.uniform(2.0, 0.6 * mean_r)))
+            cyst = inner_part(float(rng.uniform(2.0, max(2.0, 0.6 * mean_r))))
             w["cyst"], w["net"] = cyst, core_w - cyst
     elif plan.kind == "gbm":
         thick = float(rng.uniform(2.0, 4.0) if plan.interior == "cystic" else rng.uniform(2.0, 7.0))
