@@ -45,7 +45,7 @@ def random_checkpoint(path: Path, config: str) -> Path:
     cfg = load_config(config)
     torch.manual_seed(0)
     net = build_network(cfg.model, cfg.data.in_channels)
-    state = {"model": net.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing), "run_id": None}
+    state = {"model": net.state_dict(), "config": config_to_dict(cfg), "preprocessing": preprocessing_params(cfg.data.spacing, cfg.data.intensity_percentiles), "run_id": None}
     return save_checkpoint(path, state)
 
 

@@ -58,6 +58,7 @@ class DataConfig:
     demo_cases: int = 50  # size of the built-in synthetic set
     demo_seed: int = 0
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])  # mm, (x, y, z) after resampling
+    intensity_percentiles: list[float] | None = None  # [low, high]: clip each contrast's brain voxels before the z-score; null: no clip
     slice_size: list[int] = field(default_factory=lambda: [128, 128])  # training slice H x W (pad / crop)
     context_slices: int = 1  # 2.5D: k neighbours on each side, 4 * (2k + 1) input channels
     planes: list[str] = field(default_factory=lambda: ["axial"])  # slice directions for training
@@ -78,6 +79,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", self.spacing, "3 positive numbers (mm)")
+        ip = self.intensity_percentiles
+        _check(ip is None or (len(ip) == 2 and 0.0 <= ip[0] < ip[1] <= 100.0), "data.intensity_percentiles", ip, "null or [low, high] with 0 <= low < high <= 100")
         _check(len(self.slice_size) == 2 and all(s >= 16 for s in self.slice_size), "data.slice_size", self.slice_size, "2 integers >= 16")
         _check(self.context_slices >= 0, "data.context_slices", self.context_slices, ">= 0")
         _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "data.planes", self.planes, "a subset of axial, coronal, sagittal")

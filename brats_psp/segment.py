@@ -16,7 +16,8 @@ affine and header), written atomically. A case that fails is reported by name; t
 Several models (``infer --model A --model B``: the folds or seeds of a recipe, as nnU-Net
 ensembles its five folds) segment as one: each predicts the region probabilities with its own
 output mode and 2.5D context, and their mean is thresholded (:func:`load_models`,
-:func:`ensemble_config`). They must preprocess alike (the same ``data.spacing``).
+:func:`ensemble_config`). They must preprocess alike (the same ``data.spacing`` and
+``data.intensity_percentiles``).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def load_models(model: Models, tracking_uri: str | None = None) -> list[LoadedMo
     """One model, or the models of an ensemble, loaded (:func:`~brats_psp.checkpoint.load_model`).
 
     Raises:
-        CheckpointError: no model, or models that preprocess differently (``data.spacing``):
-            one preprocessed volume feeds them all.
+        CheckpointError: no model, or models that preprocess differently (``data.spacing``,
+            ``data.intensity_percentiles``): one preprocessed volume feeds them all.
     """
     items = [model] if isinstance(model, (str, os.PathLike, LoadedModel)) else list(model)
     if not items:
@@ -83,6 +84,9 @@ def load_models(model: Models, tracking_uri: str | None = None) -> list[LoadedMo
     if len({tuple(float(s) for s in m.config.data.spacing) for m in loaded}) > 1:
         spacings = ", ".join(f"{m.checkpoint}: {list(m.config.data.spacing)} mm" for m in loaded)
         raise CheckpointError(f"the models of an ensemble must be trained at the same data.spacing; got {spacings}")
+    if len({None if m.config.data.intensity_percentiles is None else tuple(m.config.data.intensity_percentiles) for m in loaded}) > 1:
+        clips = ", ".join(f"{m.checkpoint}: {m.config.data.intensity_percentiles}" for m in loaded)
+        raise CheckpointError(f"the models of an ensemble must be trained with the same data.intensity_percentiles; got {clips}")
     return loaded
 
 
@@ -286,13 +290,14 @@ class PreparedCase:
     seconds: float  # time spent reading and preprocessing
 
 
-def prepare_case(case: Case, spacing: Sequence[float]) -> PreparedCase | CaseError:
-    """Read ``case`` and run the training's volume transforms (no label); a :class:`CaseError`
-    comes back as a value (so that a worker process sends it back whole, by name)."""
+def prepare_case(case: Case, spacing: Sequence[float], percentiles: Sequence[float] | None = None) -> PreparedCase | CaseError:
+    """Read ``case`` and run the training's volume transforms (no label; ``spacing`` and
+    ``percentiles`` are the model's ``data.spacing`` and ``data.intensity_percentiles``); a
+    :class:`CaseError` comes back as a value (so that a worker process sends it back whole, by name)."""
     start = time.perf_counter()
     try:
         check_case_id(case.case_id)
-        data = apply_transforms(volume_transforms(spacing, with_label=False), {"case": case})
+        data = apply_transforms(volume_transforms(spacing, with_label=False, percentiles=percentiles), {"case": case})
     except CaseError as err:
         return err
     image = data["image"]
@@ -340,8 +345,9 @@ def segment_case(case: Case, loaded: LoadedModel | Sequence[LoadedModel], out_di
     Raises:
         CaseError: the case's files are unusable (named in the message).
     """
-    spacing = (loaded if isinstance(loaded, LoadedModel) else loaded[0]).config.data.spacing
-    prepared = prepare_case(case, spacing)
+    data_cfg = (loaded if isinstance(loaded, LoadedModel) else loaded[0]).config.data
+    spacing = data_cfg.spacing
+    prepared = prepare_case(case, spacing, data_cfg.intensity_percentiles)
     if isinstance(prepared, CaseError):
         raise prepared
     return write_case(prepared, predict_case(loaded, prepared, cfg, runtime), spacing, out_dir, cfg)
@@ -366,10 +372,12 @@ def _reader_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _prepared_in_order(cases: list[Case], spacing: Sequence[float], workers: int, stack: contextlib.ExitStack) -> Iterator[PreparedCase | CaseError]:
+def _prepared_in_order(
+    cases: list[Case], spacing: Sequence[float], workers: int, stack: contextlib.ExitStack, percentiles: Sequence[float] | None = None
+) -> Iterator[PreparedCase | CaseError]:
     """The cases read and preprocessed, in order: here, one after the other (``workers`` 0), or
     by ``workers`` spawned processes that keep up to ``2 * workers`` cases ready ahead."""
-    job = functools.partial(prepare_case, spacing=spacing)
+    job = functools.partial(prepare_case, spacing=spacing, percentiles=percentiles)
     if workers <= 0 or len(cases) <= 1:
         return map(job, cases)
     ctx = multiprocessing.get_context("spawn")
@@ -458,7 +466,7 @@ def segment_cases(
     found.cases = _with_regions(found.cases, cfg, result)
     spacing = loaded.config.data.spacing
     with contextlib.ExitStack() as stack:
-        prepared_cases = _prepared_in_order(found.cases, spacing, workers, stack)
+        prepared_cases = _prepared_in_order(found.cases, spacing, workers, stack, loaded.config.data.intensity_percentiles)
         writer = stack.enter_context(ThreadPoolExecutor(1)) if workers > 0 else None
         writing: list[tuple[str, float, Callable[[], Path]]] = []
         for case, prepared in tqdm(zip(found.cases, prepared_cases), total=len(found.cases), desc="infer", unit="case", disable=not progress):

@@ -588,7 +588,7 @@ def checkpoint_payload(run: TrainingRun, epoch: int) -> dict[str, Any]:
         "best_epoch": run.best_epoch,
         "rng": rng_state(),
         "config": config_to_dict(run.cfg),
-        "preprocessing": preprocessing_params(run.cfg.data.spacing),
+        "preprocessing": preprocessing_params(run.cfg.data.spacing, run.cfg.data.intensity_percentiles),
         "data_source": str(run.data.source),
         "run_id": run.run_id,
         "history": run.history,

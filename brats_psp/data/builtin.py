@@ -37,7 +37,7 @@ def ensure_demo_dataset(cfg: DataConfig) -> Path:
 
 def cache_folder_for(data: Path, cfg: DataConfig) -> Path:
     """Where the preprocessed cache of ``data`` lives: one folder per (dataset, preprocessing)."""
-    params = json.dumps(preprocessing_params(cfg.spacing), sort_keys=True)
+    params = json.dumps(preprocessing_params(cfg.spacing, cfg.intensity_percentiles), sort_keys=True)
     key = hashlib.sha1(f"{Path(data).resolve()}|{params}|{cfg.layout}".encode()).hexdigest()[:10]
     return Path(cfg.cache_dir) / "preprocessed" / f"{Path(data).name}-{key}"
 

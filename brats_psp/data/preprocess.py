@@ -65,9 +65,9 @@ def preprocess_case(case: Case, out_dir: Path, data_cfg: DataConfig, params: dic
     Raises:
         CaseError: anything wrong with the case's files (named in the message).
     """
-    params = params or preprocessing_params(data_cfg.spacing)
+    params = params or preprocessing_params(data_cfg.spacing, data_cfg.intensity_percentiles)
     with_label = case.label is not None
-    data = apply_transforms(volume_transforms(data_cfg.spacing, with_label=with_label), {"case": case})
+    data = apply_transforms(volume_transforms(data_cfg.spacing, with_label=with_label, percentiles=data_cfg.intensity_percentiles), {"case": case})
     image = data["image"].numpy()  # (4, X, Y, Z)
     if not np.all(np.isfinite(image)):
         raise CaseError(case.case_id, case.images[0], "normalisation produced non-finite values (constant contrast?)")
@@ -134,7 +134,7 @@ def preprocess_dataset(
     data_cfg = data_cfg or DataConfig()
     out_dir = ensure_writable_dir(out)  # before any case is read: an unwritable cache fails at once, by name
     found = discover_cases(data, data_cfg.layout, task=data_cfg.task)
-    params = preprocessing_params(data_cfg.spacing)
+    params = preprocessing_params(data_cfg.spacing, data_cfg.intensity_percentiles)
     result = PreprocessResult(out_dir, out_dir / DATALIST_FILE, out_dir / SUMMARY_FILE, failures=list(found.failures))
     metas: list[dict[str, Any]] = []
 

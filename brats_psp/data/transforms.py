@@ -8,10 +8,12 @@ The chain (:func:`volume_transforms`)::
     RequireBraind         refuse a case with fewer than MIN_BRAIN_VOXELS brain voxels (a CaseError)
     Spacingd              resample the brain's box to ``data.spacing`` mm (float32; a no-op at 1 mm)
     RequireBraind         refuse a case whose resampled volume has no brain voxel left
+    ClipPercentilesd      optional (``data.intensity_percentiles``): each contrast's brain voxels
+                          clipped to two percentiles of their own (bright vessels, sinuses)
     NormalizeIntensityd   per-channel z-score inside the non-zero mask
 
 The project's own transforms follow MONAI's convention: the logic in an array transform
-(:class:`LoadBratsCase`, :class:`RequireBrain`), a thin dictionary twin over keys.
+(:class:`LoadBratsCase`, :class:`RequireBrain`, :class:`ClipPercentiles`), a thin dictionary twin over keys.
 Orientation, spacing and crop are MONAI invertible transforms: their inverse, applied to a
 prediction in the preprocessed space, maps it back to the input's grid (used by inference).
 Every problem with a file is a :class:`~brats_psp.errors.CaseError` naming case and file.
@@ -50,6 +52,8 @@ __all__ = [
     "LoadBratsCased",
     "RequireBrain",
     "RequireBraind",
+    "ClipPercentiles",
+    "ClipPercentilesd",
     "load_case_arrays",
     "read_nifti",
     "volume_transforms",
@@ -305,12 +309,54 @@ class RequireBraind(MapTransform):
         return data
 
 
+class ClipPercentiles(Transform):
+    """Clip each channel's non-zero voxels to their own ``(low, high)`` percentiles (0-100).
+
+    Zeros (outside the brain) stay zero, so the z-score that follows sees the same mask. The
+    tails it cuts are what a z-score is most sensitive to on real MRI: vessels, sinuses and
+    fat on T1ce, a few bright or dark artefact voxels.
+    """
+
+    def __init__(self, percentiles: Sequence[float]) -> None:
+        low, high = (float(p) for p in percentiles)
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {list(percentiles)}")
+        self.percentiles = (low, high)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        for channel in image:  # views: clipped in place
+            inside = channel != 0
+            values = channel[inside]
+            if values.numel() == 0:
+                continue
+            low, high = np.percentile(values.cpu().numpy(), self.percentiles)
+            channel[inside] = values.clamp(float(low), float(high))
+        return image
+
+
+class ClipPercentilesd(MapTransform):
+    """Dictionary twin of :class:`ClipPercentiles` on ``key``."""
+
+    def __init__(self, key: str = "image", percentiles: Sequence[float] = (0.5, 99.5)) -> None:
+        super().__init__(keys=[key])
+        self.clip = ClipPercentiles(percentiles)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.clip(d[key])
+        return d
+
+
 #: Fewer non-zero voxels than this (1 mL at 1 mm) is not a brain: the case is refused by name.
 MIN_BRAIN_VOXELS = 1000
 
 
-def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bool = True, margin: int = 0) -> Compose:
-    """The volume chain from a ``{"case": Case}`` dict to a cropped, normalised image (and label)."""
+def volume_transforms(
+    spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bool = True, margin: int = 0, percentiles: Sequence[float] | None = None
+) -> Compose:
+    """The volume chain from a ``{"case": Case}`` dict to a cropped, normalised image (and label);
+    with ``percentiles`` (``data.intensity_percentiles``), each contrast clipped to them first."""
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     return Compose(
@@ -328,6 +374,7 @@ def volume_transforms(spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bo
             RequireBraind("image", min_voxels=MIN_BRAIN_VOXELS),
             Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=modes, dtype=np.float32, allow_missing_keys=True),
             RequireBraind("image", spacing),
+            *([ClipPercentilesd("image", percentiles)] if percentiles else []),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         ]
     )
@@ -346,13 +393,16 @@ def apply_transforms(transform: Compose, data: dict[str, Any]) -> dict[str, Any]
         raise
 
 
-def preprocessing_params(spacing: Sequence[float]) -> dict[str, Any]:
+def preprocessing_params(spacing: Sequence[float], percentiles: Sequence[float] | None = None) -> dict[str, Any]:
     """What inference must repeat to see data the way training saw it (stored in checkpoints)."""
+    normalize = "z-score per channel inside the non-zero mask"
+    if percentiles:
+        normalize += f", after clipping each channel to its {float(percentiles[0])}-{float(percentiles[1])} percentiles there"
     return {
         "modalities": list(MODALITIES),
         "orientation": AXCODES,
         "crop": "nonzero bounding box, before resampling",
         "spacing": [float(s) for s in spacing],
-        "normalize": "z-score per channel inside the non-zero mask",
+        "normalize": normalize,
         "slice_axis": "axial (last spatial axis after orientation)",
     }
