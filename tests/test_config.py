@@ -81,6 +81,7 @@ def test_dotted_overrides_are_typed() -> None:
         ("model.depth=19", r"model.depth: 19 is not one of \[18, 34, 50, 101\]"),
         ("train.lr=-0.1", "train.lr: -0.1 is out of range"),
         ("data.fold=7", "data.fold: 7 is out of range"),
+        ("data.intensity_percentiles=[99.5,0.5]", "data.intensity_percentiles: .* is out of range"),
         ("epochs=3", "must be section.key"),
         ("train.epochs", "not of the form"),
     ],

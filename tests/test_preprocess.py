@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from brats_psp.config import DataConfig
 from brats_psp.data.discovery import discover_cases
 from brats_psp.data.cache import kfold_assignment, load_entry_meta
 from brats_psp.data.preprocess import preprocess_dataset
-from brats_psp.data.transforms import apply_transforms, volume_transforms
+from brats_psp.data.builtin import cache_folder_for
+from brats_psp.data.transforms import ClipPercentiles, apply_transforms, preprocessing_params, volume_transforms
 from brats_psp.labels import Tissue
 from tests.conftest import BRATS_AFFINE, REAL_CASE, write_case
 
@@ -40,6 +42,39 @@ def test_output_shape_crop_and_normalisation(tmp_path: Path) -> None:
     # tissue codes survive: same voxel counts as written
     for t in (Tissue.NCR, Tissue.ED, Tissue.ET):
         assert int((label == t).sum()) == int((made["tissue"] == t).sum())
+
+
+def test_clip_percentiles_clips_each_contrast_inside_the_brain_only() -> None:
+    rng = np.random.default_rng(0)
+    image = torch.zeros(2, 20, 20, 10)
+    image[:, 2:18, 2:18, 1:9] = torch.from_numpy(rng.normal(100.0, 10.0, (2, 16, 16, 8)).astype(np.float32))
+    image[0, 5, 5, 5] = 1000.0  # a vessel
+    image[1] *= 3.0  # another contrast, its own scale
+    raw = image.clone()
+    out = ClipPercentiles((1.0, 99.0))(image)
+    for c in range(2):
+        inside = raw[c] != 0
+        low, high = np.percentile(raw[c][inside].numpy(), [1.0, 99.0])
+        assert torch.equal(out[c] != 0, inside)  # the mask (zeros outside the brain) is kept
+        assert float(out[c][inside].min()) == pytest.approx(low) and float(out[c][inside].max()) == pytest.approx(high)
+        middle = inside & (raw[c] > low) & (raw[c] < high)
+        assert torch.equal(out[c][middle], raw[c][middle])  # only the tails change
+    assert float(out[0, 5, 5, 5]) < 200.0
+    with pytest.raises(ValueError, match="0 <= low < high <= 100"):
+        ClipPercentiles((99.0, 1.0))
+
+
+def test_clipped_preprocessing_is_its_own_cache_and_checkpoint_record(tmp_path: Path) -> None:
+    write_case(tmp_path, "brats2021", "BraTS2021_00000")
+    case = discover_cases(tmp_path).cases[0]
+    plain = apply_transforms(volume_transforms(with_label=False), {"case": case})["image"]
+    clipped = apply_transforms(volume_transforms(with_label=False, percentiles=(1.0, 99.0)), {"case": case})["image"]
+    for c in range(4):  # still a z-score inside the brain, of clipped values
+        inside = clipped[c][clipped[c] != 0].numpy()
+        assert abs(inside.mean()) < 1e-3 and abs(inside.std() - 1) < 1e-3
+    assert float(clipped.abs().max()) < float(plain.abs().max())
+    assert preprocessing_params([1.5] * 3, [1.0, 99.0])["normalize"] != preprocessing_params([1.5] * 3)["normalize"]
+    assert cache_folder_for(tmp_path, DataConfig(intensity_percentiles=[1.0, 99.0])) != cache_folder_for(tmp_path, DataConfig())
 
 
 def test_inverse_maps_back_to_the_input_grid(tmp_path: Path) -> None:

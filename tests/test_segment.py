@@ -481,3 +481,29 @@ def test_an_ensemble_of_models_trained_at_different_spacings_is_refused(tmp_path
         load_models([str(a), str(b)])
     with pytest.raises(CheckpointError, match="no model"):
         load_models([])
+    # the same spacing, but one clips the intensities before the z-score: refused as well
+    c = _smoke_checkpoint(tmp_path / "c.pt", 0, ["data.intensity_percentiles=[1,99]"])
+    with pytest.raises(CheckpointError, match=r"same data.intensity_percentiles.*a\.pt: None.*c\.pt: \[1\.0, 99\.0\]"):
+        load_models([str(a), str(c)])
+
+
+def test_a_model_trained_with_clipped_intensities_segments_with_them(tmp_path: Path) -> None:
+    # infer runs the model's own preprocessing: the same weights segment differently when their
+    # config clips the intensities, and clipping at the 0th and 100th percentiles changes nothing
+    from brats_psp.segment import load_models, prepare_case
+
+    write_case(tmp_path / "in", "brats2021", "BraTS2021_00000")
+    case = discover_cases(tmp_path / "in").cases[0]
+    plain = prepare_case(case, [2.0, 2.0, 2.0]).image
+    clipped = prepare_case(case, [2.0, 2.0, 2.0], [1.0, 99.0]).image
+    assert not torch.equal(plain, clipped) and torch.equal(plain != 0, clipped != 0)
+    cfg = load_config(None, ["infer.save_probabilities=true", "infer.roi_size=[32,32]", "infer.tta=false"]).infer
+    probs = {}
+    for name, clip in (("plain", []), ("clip", ["data.intensity_percentiles=[1,99]"]), ("none", ["data.intensity_percentiles=[0,100]"])):
+        path = _smoke_checkpoint(tmp_path / f"{name}.pt", 0, clip)  # seed 0: the same weights
+        if clip:
+            assert load_models(str(path))[0].config.data.intensity_percentiles is not None
+        segment_cases(str(path), tmp_path / "in", tmp_path / name, cfg, progress=False)
+        probs[name] = np.asarray(nib.load(str(tmp_path / name / "BraTS2021_00000_probabilities.nii.gz")).dataobj)
+    assert np.abs(probs["clip"] - probs["plain"]).max() > 1e-3
+    np.testing.assert_allclose(probs["none"], probs["plain"], atol=1e-5)
