@@ -18,7 +18,8 @@ from scipy import ndimage as ndi
 from brats_psp.data import synthetic
 from brats_psp.data.layouts import LAYOUTS, MODALITIES
 from brats_psp.data.synthetic.anatomy import SITE_WEIGHTS, STRUCTURES, atrophy, load_template, random_geometry, warp_anatomy
-from brats_psp.data.synthetic.lesion import plan_lesions
+from brats_psp.data.synthetic.grid import BRATS_SHAPE
+from brats_psp.data.synthetic.lesion import LesionPlan, draw_lesion, plan_lesions
 from brats_psp.data.synthetic import (
     BRATS_AFFINE,
     BRATS_SHAPE,
@@ -248,6 +249,24 @@ def test_lesion_sites_sizes_and_kinds_cover_the_ranges() -> None:
     assert {p.kind for p in plans} == {"gbm", "solid", "lgg"}
     assert {p.interior for p in plans} >= {"necrotic", "cystic", "haemorrhagic", "solid", "net"}
     assert len(plans) > 240  # some cases are multifocal
+
+
+def test_a_small_low_grade_focus_with_a_cyst_draws() -> None:
+    # a second focus can be low-grade with a mean radius under 3.3 mm; its cyst (30 % of
+    # low-grade cores) used to draw uniform(2, < 2) mm and raise
+    brain = np.ones(BRATS_SHAPE, bool)
+    brain[:5] = False
+    wm = brain.astype(np.float32)
+    plan = LesionPlan(
+        kind="lgg", interior="net", centre_vox=np.array([120.0, 120.0, 77.0]), radii=np.array([2.6, 2.6, 2.6]),
+        orientation=np.eye(3), edema_reach=2.0, push=0.0, region="frontal",
+    )
+    cysts = 0
+    for seed in range(12):
+        les = draw_lesion(np.random.default_rng(seed), plan, wm, brain)
+        assert (les.tissue == Tissue.NCR).any() and not (les.tissue == Tissue.ET).any()
+        cysts += bool(les.weights["cyst"].max() > 0.5)
+    assert cysts > 0
 
 
 def test_flair_suppresses_csf(cases: list[SyntheticCase]) -> None:
