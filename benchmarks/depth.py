@@ -34,6 +34,31 @@ from brats_psp.labels import REGION_NAMES, release_to_regions  # noqa: E402
 BANDS = (0, 5, 10, 15, 20, 30, 1000)
 
 
+def band_names() -> list[str]:
+    """The distance bands' names: ``0-5 mm`` ... ``>= 30 mm``."""
+    return [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
+
+
+def count_by_depth(pred: np.ndarray, ref: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference voxels of TC and ET per distance band (``total``, 2 x bands) and those the
+    prediction has (``found``); ``pred`` and ``ref`` are region masks (WT, TC, ET first), ``depth``
+    each voxel's distance (mm) to the brain's edge."""
+    found = np.zeros((2, len(BANDS) - 1))
+    total = np.zeros((2, len(BANDS) - 1))
+    for b in range(len(BANDS) - 1):
+        in_band = (depth >= BANDS[b]) & (depth < BANDS[b + 1])
+        for k, r in enumerate((REGION_NAMES.index("TC"), REGION_NAMES.index("ET"))):
+            band = ref[r] & in_band
+            total[k, b] += band.sum()
+            found[k, b] += (band & pred[r]).sum()
+    return found, total
+
+
+def brain_depth(t1ce: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance (mm) of every voxel to the edge of the brain (the non-zero voxels of T1ce)."""
+    return ndimage.distance_transform_edt(t1ce > 0, sampling=spacing)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pred", type=Path, required=True)
@@ -52,15 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         loaded = {m: nib.load(str(case.images[MODALITIES.index(m)])) for m in ("t1", "t1ce", "t2", "flair")}
         images = {m: np.asarray(img.dataobj, dtype=np.float32) for m, img in loaded.items()}
-        depth = ndimage.distance_transform_edt(images["t1ce"] > 0, sampling=loaded["t1ce"].header.get_zooms()[:3])
+        depth = brain_depth(images["t1ce"], loaded["t1ce"].header.get_zooms()[:3])
         ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
         pred = release_to_regions(np.asarray(nib.load(str(pred_path)).dataobj), case.labels)
         bands = [(depth >= BANDS[b]) & (depth < BANDS[b + 1]) for b in range(len(BANDS) - 1)]
-        for k, r in enumerate((REGION_NAMES.index("TC"), REGION_NAMES.index("ET"))):
-            for b, in_band in enumerate(bands):
-                band = ref[r] & in_band
-                total[k, b] += band.sum()
-                found[k, b] += (band & pred[r]).sum()
+        case_found, case_total = count_by_depth(pred, ref, depth)
+        found += case_found
+        total += case_total
         # How the reference tumour looks per band, relative to normal white matter.
         wt, tc, et = (ref[REGION_NAMES.index(name)] for name in ("WT", "TC", "ET"))
         edema = wt & ~tc
@@ -74,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             for modality, values in spread.items():
                 q1, q2, q3 = np.percentile(images[modality][edema], (25, 50, 75))
                 values.append(float((q3 - q1) / q2))
-    labels = [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
+    labels = band_names()
     print(f"{'':<22}" + "".join(f"{x:>11}" for x in labels))
     for k, name in enumerate(("TC", "ET")):
         share = total[k] / max(1.0, total[k].sum())

@@ -17,7 +17,9 @@ convention. Cases without one are segmented and drawn, not scored. Writes to ``-
 * ``<id>_slices.png`` for every scored case: eight axial slices evenly across the tumour's
   extent (reference or prediction), cropped to it, with T1ce, FLAIR, the prediction and the
   reference, and each slice's tumour-core sensitivity: where along the tumour a model
-  loses the core (``tc_by_slice`` in the JSON holds the numbers for every slice);
+  loses the core (``tc_by_slice`` in the JSON holds the numbers for every slice), and
+  ``by_depth``: the sensitivity of TC and ET, and the share of their reference voxels, per
+  band of distance from the brain's edge (``benchmarks/depth.py``'s bands);
 * ``without_contrast``: every case segmented again with its T1ce replaced by its T1, as if no
   contrast agent had been given (``--no-contrast-check`` skips it). Nothing enhances there, so
   the enhancing tumour predicted (``without_contrast`` in the JSON, in mL, beside the volumes
@@ -47,6 +49,7 @@ from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.labels import REGION_NAMES, REGIONS, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
 from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
+from benchmarks.depth import band_names, brain_depth, count_by_depth  # noqa: E402
 
 log = logging.getLogger("real_scans")
 
@@ -145,6 +148,20 @@ def tc_by_slice(pred: np.ndarray, ref: np.ndarray) -> list[dict[str, int]]:
     return rows
 
 
+def by_depth(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> dict[str, Any]:
+    """Per band of distance from the brain's edge: the share of the reference's TC and ET voxels
+    there and the prediction's sensitivity on them (None where a band has none)."""
+    masks = [[np.isin(t, list(REGIONS[r])) for r in REGION_NAMES] for t in (pred, ref)]
+    found, total = count_by_depth(masks[0], masks[1], brain_depth(image[1], spacing))  # image[1]: T1ce
+    out: dict[str, Any] = {"bands": band_names()}
+    for k, region in enumerate(("TC", "ET")):
+        out[region] = {
+            "sensitivity": [float(f / t) if t else None for f, t in zip(found[k], total[k])],
+            "share": [float(t / total[k].sum()) if total[k].sum() else 0.0 for t in total[k]],
+        }
+    return out
+
+
 def plot_slices(row: dict[str, Any], out: Path, n: int = 8) -> Path:
     """Columns: ``n`` axial slices evenly across the tumour's extent; rows: T1ce, FLAIR, the
     prediction and the reference on T1ce, cropped to the tumour with a 10-voxel margin (the
@@ -215,7 +232,7 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         raise SystemExit(f"no cases found under {real}")
     pred_dir = out / "predictions"
     result = segment_cases(models, real, pred_dir, cfg, progress=True)
-    rows, scored, predicted_ml, by_slice = [], {}, {}, {}
+    rows, scored, predicted_ml, by_slice, depth_bands = [], {}, {}, {}, {}
     for case in found.cases:
         pred = result.written.get(case.case_id)
         if pred is None:
@@ -227,6 +244,8 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         if ref is not None:
             row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
             by_slice[case.case_id] = tc_by_slice(*row["arrays"][1:])
+            spacing = tuple(float(z) for z in _ras(pred)[1].header.get_zooms()[:3])
+            depth_bands[case.case_id] = by_depth(*row["arrays"], spacing)
         rows.append(row)
     mean = {
         region: {key: float(np.mean([s[region][key] for s in scored.values()])) for key in ("dice", "hd95")}
@@ -243,6 +262,7 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         "failed": [str(f) for f in result.failures],
         "predicted_ml": predicted_ml,
         "tc_by_slice": by_slice,
+        "by_depth": depth_bands,
     }
     if contrast_check:
         summary["without_contrast"] = without_contrast(models, found.cases, out / "without_contrast", cfg)

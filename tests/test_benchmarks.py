@@ -127,3 +127,11 @@ def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
     volumes = result["without_contrast"]["BraTS-GLI-00007-000"]
     assert set(volumes) == {"WT", "TC", "ET"} and all(v >= 0 for v in volumes.values())
     assert set(result["predicted_ml"]["BraTS-GLI-00007-000"]) == {"WT", "TC", "ET"}
+    # where the core and the enhancing tumour are missed, by distance from the brain's edge
+    depth = result["by_depth"]["BraTS-GLI-00007-000"]
+    assert depth["bands"][0] == "0-5 mm" and depth["bands"][-1] == ">= 30 mm"
+    for region in ("TC", "ET"):
+        assert len(depth[region]["share"]) == len(depth[region]["sensitivity"]) == len(depth["bands"])
+        assert sum(depth[region]["share"]) == pytest.approx(1.0)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in depth[region]["sensitivity"])
+        assert all((v is None) == (share == 0.0) for v, share in zip(depth[region]["sensitivity"], depth[region]["share"]))

@@ -71,6 +71,10 @@ def test_real_scan_check_segments_scores_and_draws(tmp_path: Path) -> None:
     by_slice = result["tc_by_slice"][REAL_CASE.name]
     assert sum(s["ref"] for s in by_slice) == np.isin(ref, [1, 3]).sum()
     assert all(s["both"] <= min(s["ref"], s["pred"]) for s in by_slice)
+    # by distance from the brain's edge: a fifth of this glioma's core lies within 10 mm of it
+    depth = result["by_depth"][REAL_CASE.name]
+    assert sum(depth["TC"]["share"]) == pytest.approx(1.0)
+    assert 0.1 < sum(depth["TC"]["share"][:2]) < 0.3
     assert "segmented without a reference" in proc.stdout
 
 
