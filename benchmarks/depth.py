@@ -39,14 +39,18 @@ def band_names() -> list[str]:
     return [f"{BANDS[b]}-{BANDS[b + 1]} mm" if BANDS[b + 1] < 1000 else f">= {BANDS[b]} mm" for b in range(len(BANDS) - 1)]
 
 
-def count_by_depth(pred: np.ndarray, ref: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def band_masks(depth: np.ndarray) -> list[np.ndarray]:
+    """One boolean mask per band of ``depth`` (each voxel's distance, mm, to the brain's edge)."""
+    return [(depth >= BANDS[b]) & (depth < BANDS[b + 1]) for b in range(len(BANDS) - 1)]
+
+
+def count_by_depth(pred: np.ndarray, ref: np.ndarray, bands: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reference voxels of TC and ET per distance band (``total``, 2 x bands) and those the
-    prediction has (``found``); ``pred`` and ``ref`` are region masks (WT, TC, ET first), ``depth``
-    each voxel's distance (mm) to the brain's edge."""
-    found = np.zeros((2, len(BANDS) - 1))
-    total = np.zeros((2, len(BANDS) - 1))
-    for b in range(len(BANDS) - 1):
-        in_band = (depth >= BANDS[b]) & (depth < BANDS[b + 1])
+    prediction has (``found``); ``pred`` and ``ref`` are region masks (WT, TC, ET first),
+    ``bands`` :func:`band_masks`'s."""
+    found = np.zeros((2, len(bands)))
+    total = np.zeros((2, len(bands)))
+    for b, in_band in enumerate(bands):
         for k, r in enumerate((REGION_NAMES.index("TC"), REGION_NAMES.index("ET"))):
             band = ref[r] & in_band
             total[k, b] += band.sum()
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         depth = brain_depth(images["t1ce"], loaded["t1ce"].header.get_zooms()[:3])
         ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
         pred = release_to_regions(np.asarray(nib.load(str(pred_path)).dataobj), case.labels)
-        bands = [(depth >= BANDS[b]) & (depth < BANDS[b + 1]) for b in range(len(BANDS) - 1)]
-        case_found, case_total = count_by_depth(pred, ref, depth)
+        bands = band_masks(depth)
+        case_found, case_total = count_by_depth(pred, ref, bands)
         found += case_found
         total += case_total
         # How the reference tumour looks per band, relative to normal white matter.

@@ -49,7 +49,7 @@ from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.labels import REGION_NAMES, REGIONS, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
 from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
-from benchmarks.depth import band_names, brain_depth, count_by_depth  # noqa: E402
+from benchmarks.depth import band_masks, band_names, brain_depth, count_by_depth  # noqa: E402
 
 log = logging.getLogger("real_scans")
 
@@ -94,7 +94,7 @@ def score_case(pred_path: Path, ref_path: Path, release: str) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     """One row per case: FLAIR, T1ce, prediction on T1ce, reference on T1ce (RAS, anterior up);
-    each row's ``arrays`` are :func:`_oriented_case`'s."""
+    each row's ``arrays`` are :func:`_oriented_case`'s arrays."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +124,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def _oriented_case(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The case's four contrasts (4, X, Y, Z), its prediction and reference tissue maps, all RAS."""
+def _oriented_case(row: dict[str, Any]) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], tuple[float, ...]]:
+    """The case's four contrasts (4, X, Y, Z), its prediction and reference tissue maps, all RAS,
+    and the voxel spacing (mm) of those RAS axes."""
     import nibabel as nib
 
     from brats_psp.data.transforms import load_case_arrays
@@ -134,9 +135,10 @@ def _oriented_case(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndar
     image, _, ref_img = load_case_arrays(case, with_label=False)
     ornt = nib.orientations.ornt_transform(nib.io_orientation(ref_img.affine), nib.orientations.axcodes2ornt("RAS"))
     image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
-    pred = release_to_tissue(_ras(row["prediction"])[0], case.labels)
+    pred_labels, pred_img = _ras(row["prediction"])
+    pred = release_to_tissue(pred_labels, case.labels)
     ref = release_to_tissue(_ras(row["reference"])[0], case.labels) if row["reference"] else None
-    return image, pred, ref
+    return (image, pred, ref), tuple(float(z) for z in pred_img.header.get_zooms()[:3])
 
 
 def tc_by_slice(pred: np.ndarray, ref: np.ndarray) -> list[dict[str, int]]:
@@ -152,7 +154,7 @@ def by_depth(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, spacing: tupl
     """Per band of distance from the brain's edge: the share of the reference's TC and ET voxels
     there and the prediction's sensitivity on them (None where a band has none)."""
     masks = [[np.isin(t, list(REGIONS[r])) for r in REGION_NAMES] for t in (pred, ref)]
-    found, total = count_by_depth(masks[0], masks[1], brain_depth(image[1], spacing))  # image[1]: T1ce
+    found, total = count_by_depth(masks[0], masks[1], band_masks(brain_depth(image[1], spacing)))  # image[1]: T1ce
     out: dict[str, Any] = {"bands": band_names()}
     for k, region in enumerate(("TC", "ET")):
         out[region] = {
@@ -240,11 +242,10 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         predicted_ml[case.case_id] = region_volumes(pred, case.labels)
         ref = find_reference(refs, case.case_id)
         row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
-        row["arrays"] = _oriented_case(row)  # read once, for the numbers below and both figures
+        row["arrays"], spacing = _oriented_case(row)  # read once, for the numbers below and both figures
         if ref is not None:
             row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
             by_slice[case.case_id] = tc_by_slice(*row["arrays"][1:])
-            spacing = tuple(float(z) for z in _ras(pred)[1].header.get_zooms()[:3])
             depth_bands[case.case_id] = by_depth(*row["arrays"], spacing)
         rows.append(row)
     mean = {

@@ -81,12 +81,11 @@ def load_models(model: Models, tracking_uri: str | None = None) -> list[LoadedMo
     if not items:
         raise CheckpointError("no model given")
     loaded = [m if isinstance(m, LoadedModel) else load_model(m, tracking_uri) for m in items]
-    if len({tuple(float(s) for s in m.config.data.spacing) for m in loaded}) > 1:
-        spacings = ", ".join(f"{m.checkpoint}: {list(m.config.data.spacing)} mm" for m in loaded)
-        raise CheckpointError(f"the models of an ensemble must be trained at the same data.spacing; got {spacings}")
-    if len({None if m.config.data.intensity_percentiles is None else tuple(m.config.data.intensity_percentiles) for m in loaded}) > 1:
-        clips = ", ".join(f"{m.checkpoint}: {m.config.data.intensity_percentiles}" for m in loaded)
-        raise CheckpointError(f"the models of an ensemble must be trained with the same data.intensity_percentiles; got {clips}")
+    for key, unit in (("spacing", " mm"), ("intensity_percentiles", "")):  # what the volume chain depends on
+        values = [getattr(m.config.data, key) for m in loaded]
+        if len({None if v is None else tuple(float(x) for x in v) for v in values}) > 1:
+            got = ", ".join(f"{m.checkpoint}: {v}{unit}" for m, v in zip(loaded, values))
+            raise CheckpointError(f"the models of an ensemble must be trained with the same data.{key}; got {got}")
     return loaded
 
 
