@@ -135,3 +135,40 @@ def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
         assert sum(depth[region]["share"]) == pytest.approx(1.0)
         assert all(v is None or 0.0 <= v <= 1.0 for v in depth[region]["sensitivity"])
         assert all((v is None) == (share == 0.0) for v, share in zip(depth[region]["sensitivity"], depth[region]["share"]))
+
+
+def test_brainles_cases_arranges_a_tutorials_checkout(tmp_path: Path) -> None:
+    """brainles_cases.py turns the BraTS-Toolkit folders of a BrainLesion/tutorials checkout into
+    two BraTS 2021 cases with references that real_scans.py finds; a checkout without them is
+    refused with the missing files named, and nothing is written."""
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks.brainles_cases import CASES, TAGS
+    from benchmarks.real_scans import find_reference
+    from brats_psp.data.discovery import discover_cases
+
+    tutorials = tmp_path / "tutorials"
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for folder in CASES.values():
+        base = tutorials / "BraTS-Toolkit" / "data" / folder / f"{folder}_brainles"
+        for sub, names in (("raw_bet", [f"{folder}_{t}_bet" for t in TAGS.values()]), ("fusion", ["mav"])):
+            (base / sub).mkdir(parents=True)
+            for name in names:
+                data = np.full((8, 8, 4), 2 if name == "mav" else 100, np.int16)
+                nib.save(nib.Nifti1Image(data, affine), str(base / sub / f"{name}.nii.gz"))
+    empty = tmp_path / "not_tutorials"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "benchmarks/brainles_cases.py", "--tutorials", str(empty), "--out", str(tmp_path / "x")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "TCGA-DU-7294_fla_bet.nii.gz" in proc.stderr and not (tmp_path / "x").exists()
+
+    out = tmp_path / "real2"
+    _run("brainles_cases.py", "--tutorials", str(tutorials), "--out", str(out))
+    found = discover_cases(out)
+    assert sorted(c.case_id for c in found.cases) == sorted(CASES) and {c.layout for c in found.cases} == {"brats2021"}
+    for case in found.cases:
+        ref = find_reference(out / "references", case.case_id)
+        assert ref is not None and np.asarray(nib.load(str(ref)).dataobj).max() == 2
+        assert np.asarray(nib.load(str(case.images[1])).dataobj).max() == 100  # t1ce
+    assert not list(out.rglob("*.part"))
