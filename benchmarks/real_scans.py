@@ -3,6 +3,7 @@
     python benchmarks/real_scans.py --model outputs/<run id>/checkpoints/best.pt
     python benchmarks/real_scans.py --model <run id> --real ../shared/data/real --out benchmarks/results/real_scans infer.tta=true
     python benchmarks/real_scans.py --model <run A> --model <run B>   # an ensemble, as `infer` segments with one
+    python benchmarks/real_scans.py --model M --real ../shared/data/real --real /tmp/real2   # several folders (brainles_cases.py)
 
 ``--real`` (default ``../shared/data/real``) holds case folders in any BraTS layout; a
 reference segmentation of case ``<id>`` is looked for in ``--refs`` (default
@@ -225,29 +226,41 @@ def without_contrast(models: Any, cases: list[Any], out: Path, cfg: Any) -> dict
     return {cid: region_volumes(path, labels[cid]) for cid, path in result.written.items()}
 
 
-def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: list[str], contrast_check: bool = True) -> dict[str, Any]:
-    """Segment (with one model or an ensemble), score and draw every case under ``real``; return (and write) the results."""
+def run(
+    model: str | list[str], real: Path | list[Path], refs: Path | None, out: Path, overrides: list[str], contrast_check: bool = True
+) -> dict[str, Any]:
+    """Segment (with one model or an ensemble), score and draw every case under ``real`` (one folder,
+    or several: each with its own ``references/``; ``refs`` only goes with one); return (and write) the results."""
+    folders = [Path(real)] if isinstance(real, (str, Path)) else [Path(r) for r in real]
+    if refs is not None and len(folders) > 1:
+        raise ValueError("a references folder goes with one folder of cases; with several, each one's references/ is used")
     models = load_models(model)
     cfg = apply_overrides(ensemble_config(models), overrides).infer
-    found = discover_cases(real)
-    if not found.cases:
-        raise SystemExit(f"no cases found under {real}")
     pred_dir = out / "predictions"
-    result = segment_cases(models, real, pred_dir, cfg, progress=True)
+    cases, failures, per_folder = [], [], []
+    for folder in folders:
+        found = discover_cases(folder)
+        if not found.cases:
+            raise SystemExit(f"no cases found under {folder}")
+        result = segment_cases(models, folder, pred_dir, cfg, progress=True)
+        cases += found.cases
+        failures += [str(f) for f in result.failures]
+        per_folder.append((found.cases, result.written, refs or folder / "references"))
     rows, scored, predicted_ml, by_slice, depth_bands = [], {}, {}, {}, {}
-    for case in found.cases:
-        pred = result.written.get(case.case_id)
-        if pred is None:
-            continue
-        predicted_ml[case.case_id] = region_volumes(pred, case.labels)
-        ref = find_reference(refs, case.case_id)
-        row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
-        row["arrays"], spacing = _oriented_case(row)  # read once, for the numbers below and both figures
-        if ref is not None:
-            row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
-            by_slice[case.case_id] = tc_by_slice(*row["arrays"][1:])
-            depth_bands[case.case_id] = by_depth(*row["arrays"], spacing)
-        rows.append(row)
+    for found_cases, written, folder_refs in per_folder:
+        for case in found_cases:
+            pred = written.get(case.case_id)
+            if pred is None:
+                continue
+            predicted_ml[case.case_id] = region_volumes(pred, case.labels)
+            ref = find_reference(folder_refs, case.case_id)
+            row: dict[str, Any] = {"case": case, "prediction": pred, "reference": ref}
+            row["arrays"], spacing = _oriented_case(row)  # read once, for the numbers below and both figures
+            if ref is not None:
+                row["scores"] = scored[case.case_id] = score_case(pred, ref, case.labels)
+                by_slice[case.case_id] = tc_by_slice(*row["arrays"][1:])
+                depth_bands[case.case_id] = by_depth(*row["arrays"], spacing)
+            rows.append(row)
     mean = {
         region: {key: float(np.mean([s[region][key] for s in scored.values()])) for key in ("dice", "hd95")}
         for region in REGION_NAMES
@@ -257,16 +270,19 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
         "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
         "run_id": models[0].run_id if len(models) == 1 else [m.run_id for m in models],
         "infer": dataclasses.asdict(cfg),
-        "cases": [c.case_id for c in found.cases],
+        "cases": [c.case_id for c in cases],
         "scored": scored,
         "mean": mean,
-        "failed": [str(f) for f in result.failures],
+        "failed": failures,
         "predicted_ml": predicted_ml,
         "tc_by_slice": by_slice,
         "by_depth": depth_bands,
     }
     if contrast_check:
-        summary["without_contrast"] = without_contrast(models, found.cases, out / "without_contrast", cfg)
+        summary["without_contrast"] = {}
+        for k, (found_cases, _, _) in enumerate(per_folder):  # one folder at a time: each is one layout
+            sub = out / "without_contrast" / (str(k) if len(per_folder) > 1 else "")
+            summary["without_contrast"].update(without_contrast(models, found_cases, sub, cfg))
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_scans.json").write_text(json.dumps(summary, indent=2))
     plot(rows, out / "real_scans.png")
@@ -279,8 +295,8 @@ def run(model: str | list[str], real: Path, refs: Path, out: Path, overrides: li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, action="append", help="checkpoint, MLflow run id or model URI; repeated: an ensemble")
-    ap.add_argument("--real", type=Path, default=DEFAULT_REAL, help="folder of real cases (default ../shared/data/real)")
-    ap.add_argument("--refs", type=Path, help="folder of reference segmentations (default <real>/references)")
+    ap.add_argument("--real", type=Path, action="append", help="folder of real cases (default ../shared/data/real); repeated: all of them, each with its references/")
+    ap.add_argument("--refs", type=Path, help="folder of reference segmentations (default <real>/references; with one --real only)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_scans")
     ap.add_argument(
         "--contrast-check", action=argparse.BooleanOptionalAction, default=True,
@@ -289,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="infer overrides key=value (e.g. infer.tta=true)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.real.is_dir():
-        print(f"no real scans at {args.real}: nothing to do")
+    reals = args.real or [DEFAULT_REAL]
+    present = [r for r in reals if r.is_dir()]
+    for absent in sorted(set(reals) - set(present)):
+        print(f"no real scans at {absent}: nothing to do there")
+    if not present:
         return 0
-    summary = run(args.model, args.real, args.refs or args.real / "references", args.out, args.overrides, args.contrast_check)
+    if args.refs is not None and len(present) > 1:
+        ap.error("--refs goes with one --real; with several, each folder's references/ is used")
+    summary = run(args.model, present, args.refs, args.out, args.overrides, args.contrast_check)
     print(f"{'case':<24} {'region':<4} {'Dice':>6} {'HD95 mm':>8} {'pred mL':>8} {'ref mL':>8}")
     for cid, scores in summary["scored"].items():
         for region in REGION_NAMES:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -106,7 +107,8 @@ def test_readers_benchmark_runs(tmp_path: Path) -> None:
 
 def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
     """``real_scans.py --model A --model B`` segments with both (any folder of cases: here a
-    synthetic one with its reference beside it), and names both checkpoints in its results."""
+    synthetic one with its reference beside it), and names both checkpoints in its results;
+    ``--real`` repeated scores the cases of every folder (here a second one, in another layout)."""
     import shutil
 
     from tests.conftest import untrained_checkpoint, write_case
@@ -114,16 +116,23 @@ def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
     case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000")
     (tmp_path / "real" / "references").mkdir()
     shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
+    other = write_case(tmp_path / "real2", "brats2021", "BraTS2021_00008")
+    (tmp_path / "real2" / "references").mkdir()
+    shutil.move(other["paths"]["seg"], tmp_path / "real2" / "references" / "BraTS2021_00008_seg.nii.gz")
     a, b = untrained_checkpoint(tmp_path / "a.pt"), untrained_checkpoint(tmp_path / "b.pt")
-    _run("real_scans.py", "--model", str(a), "--model", str(b), "--real", str(tmp_path / "real"), "--out", str(tmp_path / "out"))
+    _run("real_scans.py", "--model", str(a), "--model", str(b), "--real", str(tmp_path / "real"), "--real", str(tmp_path / "real2"),
+         "--out", str(tmp_path / "out"))
     result = json.loads((tmp_path / "out" / "real_scans.json").read_text())
     assert result["checkpoint"] == [str(a), str(b)] and result["model"] == [str(a), str(b)]
-    assert set(result["scored"]["BraTS-GLI-00007-000"]) == {"WT", "TC", "ET"}
+    assert result["cases"] == ["BraTS-GLI-00007-000", "BraTS2021_00008"]
+    assert set(result["scored"]["BraTS-GLI-00007-000"]) == set(result["scored"]["BraTS2021_00008"]) == {"WT", "TC", "ET"}
+    assert result["mean"]["WT"]["dice"] == pytest.approx(np.mean([result["scored"][c]["WT"]["dice"] for c in result["cases"]]))
     assert (tmp_path / "out" / "real_scans.png").is_file()
     # the contrast check: the same case with its T1ce replaced by its T1 (links to the files)
-    swapped = tmp_path / "out" / "without_contrast" / "input" / "BraTS-GLI-00007-000" / "BraTS-GLI-00007-000"
+    swapped = tmp_path / "out" / "without_contrast" / "0" / "input" / "BraTS-GLI-00007-000" / "BraTS-GLI-00007-000"
     assert Path(f"{swapped}-t1c.nii.gz").resolve() == Path(f"{swapped}-t1n.nii.gz").resolve() == Path(case["paths"]["t1"]).resolve()
     assert Path(f"{swapped}-t2f.nii.gz").resolve() == Path(case["paths"]["flair"]).resolve()
+    assert set(result["without_contrast"]) == {"BraTS-GLI-00007-000", "BraTS2021_00008"}
     volumes = result["without_contrast"]["BraTS-GLI-00007-000"]
     assert set(volumes) == {"WT", "TC", "ET"} and all(v >= 0 for v in volumes.values())
     assert set(result["predicted_ml"]["BraTS-GLI-00007-000"]) == {"WT", "TC", "ET"}
@@ -142,7 +151,6 @@ def test_brainles_cases_arranges_a_tutorials_checkout(tmp_path: Path) -> None:
     two BraTS 2021 cases with references that real_scans.py finds; a checkout without them is
     refused with the missing files named, and nothing is written."""
     import nibabel as nib
-    import numpy as np
 
     from benchmarks.brainles_cases import CASES, TAGS
     from benchmarks.real_scans import find_reference
