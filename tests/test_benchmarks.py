@@ -180,3 +180,22 @@ def test_brainles_cases_arranges_a_tutorials_checkout(tmp_path: Path) -> None:
         assert ref is not None and np.asarray(nib.load(str(ref)).dataobj).max() == 2
         assert np.asarray(nib.load(str(case.images[1])).dataobj).max() == 100  # t1ce
     assert not list(out.rglob("*.part"))
+
+    # the third case, from a clone of BrainLesion/BraTS (here a repository with the same files)
+    from benchmarks.brainles_cases import BRATS_CASE, BRATS_FILES, arrange_brats_case
+
+    repo = tmp_path / "brats"
+    for key, rel in BRATS_FILES.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = np.zeros((8, 8, 4), np.uint8 if key == "seg" else np.int16)
+        data[2:4, 2:4, 1] = 3 if key == "seg" else 100
+        data[5, 5, 2] = 2 if key == "seg" else 50
+        nib.save(nib.Nifti1Image(data, affine), str(repo / rel))
+    with pytest.raises(FileNotFoundError, match="data/preprocessed_case/t1n.nii.gz"):
+        arrange_brats_case(repo, out)  # not a git repository yet
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "case"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    assert arrange_brats_case(repo, out, commit="HEAD") == BRATS_CASE
+    ref = np.asarray(nib.load(str(find_reference(out / "references", BRATS_CASE))).dataobj)
+    assert sorted(np.unique(ref).tolist()) == [0, 2, 4] and (ref == 4).sum() == 4  # 2023's ET (3) as 2021's (4)
+    assert BRATS_CASE in [c.case_id for c in discover_cases(out).cases]
