@@ -1,4 +1,4 @@
-"""Two more real scans with references, arranged from a checkout of BrainLesion/tutorials.
+"""More real scans with references, arranged from clones of BrainLesion/tutorials (and BrainLesion/BraTS).
 
     git clone https://github.com/BrainLesion/tutorials /tmp/tutorials      # by hand: nothing here downloads
     python benchmarks/brainles_cases.py --tutorials /tmp/tutorials --out /tmp/real2
@@ -36,9 +36,15 @@ as ``benchmarks/real_scans.py`` expects (copies, so the checkout may go).
 from __future__ import annotations
 
 import argparse
-import shutil
+import gzip
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/brainles_cases.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from brats_psp.io import atomic_path, save_nifti  # noqa: E402
 
 #: case id -> folder of the tutorial's BraTS-Toolkit data that holds it.
 CASES: dict[str, str] = {"TCGA-DU-7294": "TCGA-DU-7294", "TCGA-FG-6692": "OtherEXampleFromTCIA"}
@@ -57,10 +63,8 @@ BRATS_FILES: dict[str, str] = {
 
 
 def _write_atomic(dst: Path, data: bytes) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
 
 
 def arrange_brats_case(brats_repo: Path, out: Path, commit: str = BRATS_COMMIT) -> str:
@@ -79,25 +83,12 @@ def arrange_brats_case(brats_repo: Path, out: Path, commit: str = BRATS_COMMIT) 
         blobs[key] = proc.stdout
     for modality in TAGS:
         _write_atomic(out / BRATS_CASE / f"{BRATS_CASE}_{modality}.nii.gz", blobs[modality])
-    seg = nib.Nifti1Image.from_bytes(_gunzip(blobs["seg"]))
+    raw = blobs["seg"]
+    seg = nib.Nifti1Image.from_bytes(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     labels = np.asarray(seg.dataobj).astype(np.uint8)
     labels[labels == 3] = 4
-    relabelled = nib.Nifti1Image(labels, seg.affine, seg.header)
-    relabelled.set_data_dtype(np.uint8)
-    _write_atomic(out / "references" / f"{BRATS_CASE}_seg.nii.gz", _gzip(relabelled.to_bytes()))
+    save_nifti(out / "references" / f"{BRATS_CASE}_seg.nii.gz", labels, seg.affine, seg.header, np.uint8)
     return BRATS_CASE
-
-
-def _gunzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-
-
-def _gzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(data, compresslevel=6)
 
 
 def arrange(tutorials: Path, out: Path) -> list[str]:
@@ -116,10 +107,7 @@ def arrange(tutorials: Path, out: Path) -> list[str]:
     if missing:
         raise FileNotFoundError("not in the checkout (is it BrainLesion/tutorials?): " + ", ".join(missing))
     for src, dst in plan:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".part")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        _write_atomic(dst, src.read_bytes())
     return list(CASES)
 
 

@@ -179,7 +179,7 @@ def test_brainles_cases_arranges_a_tutorials_checkout(tmp_path: Path) -> None:
         ref = find_reference(out / "references", case.case_id)
         assert ref is not None and np.asarray(nib.load(str(ref)).dataobj).max() == 2
         assert np.asarray(nib.load(str(case.images[1])).dataobj).max() == 100  # t1ce
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob("*.tmp*"))  # brats_psp.io.atomic_path's temporaries, renamed into place
 
     # the third case, from a clone of BrainLesion/BraTS (here a repository with the same files)
     from benchmarks.brainles_cases import BRATS_CASE, BRATS_FILES, arrange_brats_case
