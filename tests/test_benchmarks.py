@@ -13,9 +13,10 @@ import pytest
 from tests.conftest import REPO
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
 
 
 def test_inference_benchmark_runs(tmp_path: Path) -> None:
@@ -199,3 +200,61 @@ def test_brainles_cases_arranges_a_tutorials_checkout(tmp_path: Path) -> None:
     ref = np.asarray(nib.load(str(find_reference(out / "references", BRATS_CASE))).dataobj)
     assert sorted(np.unique(ref).tolist()) == [0, 2, 4] and (ref == 4).sum() == 4  # 2023's ET (3) as 2021's (4)
     assert BRATS_CASE in [c.case_id for c in discover_cases(out).cases]
+
+
+def test_tissue_contrasts_measures_a_phantom_of_known_intensities() -> None:
+    """Normal tissue in stripes of known T1/T1ce/T2/FLAIR values and a lesion of known values:
+    every ratio to white matter comes back as drawn (noise aside)."""
+    from benchmarks.tissue_contrasts import case_contrasts
+    from brats_psp.labels import Tissue
+
+    rng = np.random.default_rng(0)
+    shape = (64, 60, 40)
+    values = {  # per contrast: csf, gm, wm, ed, ncr, et (WM brightest on T1, as the k-means assumes)
+        "t1": (300, 600, 900, 700, 400, 650), "t1ce": (350, 650, 1000, 750, 420, 1300),
+        "t2": (1500, 900, 700, 1300, 1800, 1100), "flair": (200, 800, 700, 1400, 900, 1250),
+    }
+    stripes = (np.arange(shape[1]) // 4) % 3  # csf, gm, wm along y
+    tissue = np.zeros(shape, np.uint8)
+    tissue[2:15, 2:-2, 2:-2] = Tissue.ED
+    tissue[2:8, 2:20, 2:-2] = Tissue.NCR
+    tissue[2:8, 20:30, 2:-2] = Tissue.ET
+    image = np.zeros((4, *shape), np.float32)
+    for c, m in enumerate(("t1", "t1ce", "t2", "flair")):
+        normal = np.broadcast_to(np.array(values[m][:3], np.float32)[stripes][None, :, None], shape)
+        vol = np.where(tissue == Tissue.ED, values[m][3], normal)
+        vol = np.where(tissue == Tissue.NCR, values[m][4], vol)
+        vol = np.where(tissue == Tissue.ET, values[m][5], vol) + rng.normal(0, 10, shape)
+        image[c, 2:-2, 2:-2, 2:-2] = vol[2:-2, 2:-2, 2:-2]
+    ratios = case_contrasts(image, tissue, (1.0, 1.0, 1.0), margin_mm=10.0, inset_mm=3.0)
+    for m, drawn in values.items():
+        expected = dict(zip(("csf", "gm", "wm", "ed", "ncr", "et"), np.array(drawn) / drawn[2]))
+        assert ratios[m] == pytest.approx(expected, rel=0.03), m
+    with pytest.raises(ValueError, match="normal-appearing brain"):  # a tumour filling the brain
+        case_contrasts(image, np.where(image[0] > 0, Tissue.ED, 0).astype(np.uint8), (1.0, 1.0, 1.0))
+
+
+def test_tissue_contrasts_compares_groups_of_cases(tmp_path: Path) -> None:
+    """Two groups, references inside the case folders or in ``references/``; an absent folder is
+    left out with a message; the JSON holds every case and each group's ranges, and the figure."""
+    import shutil
+
+    from tests.conftest import write_case
+
+    write_case(tmp_path / "synthetic", "brats2021", "BraTS2021_00001")
+    case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000", seed=1)
+    (tmp_path / "real" / "references").mkdir()
+    shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
+    write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00008-000", seed=2, with_label=False)  # no reference: skipped
+    out = tmp_path / "out"
+    proc = _run("tissue_contrasts.py", "--cases", f"real={tmp_path / 'real'}", "--cases", f"synthetic={tmp_path / 'synthetic'}",
+                "--cases", f"absent={tmp_path / 'nowhere'}", "--margin-mm", "2", "--inset-mm", "1", "--out", str(out))
+    assert "left out" in proc.stdout
+    result = json.loads((out / "tissue_contrasts.json").read_text())
+    assert [(r["group"], r["case"]) for r in result["cases"]] == [("real", "BraTS-GLI-00007-000"), ("synthetic", "BraTS2021_00001")]
+    for row in result["cases"]:  # the toy case: edema bright on FLAIR and T2, enhancement on T1ce
+        assert row["ratios"]["t1"]["wm"] == 1.0
+        assert row["ratios"]["flair"]["ed"] > 1.2 and row["ratios"]["t2"]["ed"] > 1.2 and row["ratios"]["t1ce"]["et"] > 1.2
+    lo, hi = result["ranges"]["real"]["flair"]["ed"]
+    assert lo == hi == result["cases"][0]["ratios"]["flair"]["ed"]
+    assert (out / "tissue_contrasts.png").stat().st_size > 0 and result["failed"] == []
