@@ -17,7 +17,8 @@ than most changes, so a change is judged over several seeds and every scan at on
    with the patch applied (``git apply``);
 2. the training cache, built once by the copy's code (``data.cache_dir=OUT/<variant>/cache``;
    the built-in set is generated there unless ``--data`` is given);
-3. ``python pipelines/run.py train`` of the copy per seed, ``--parallel`` at a time, one torch
+3. ``python pipelines/run.py train`` of the copy per seed (``--config`` inside this checkout
+   is read from the copy, so a patch may change it), ``--parallel`` at a time, one torch
    thread each (``train.threads``), MLflow runs in ``OUT/mlflow.db`` named ``<variant>-s<seed>``;
    logs in ``OUT/<variant>/train-s<seed>.log``;
 4. each ``best.pt`` scored by ``score`` with the copy's code: every ``--real`` folder as
@@ -145,14 +146,15 @@ def run_trials(args: argparse.Namespace) -> dict[str, Any]:
         if not repo.is_dir():
             copy_tree(repo, patches.get(name))
         common = [*overrides, f"data.cache_dir={folder / 'cache'}"]
+        config = _in_copy(args.config, repo)
         prepare = folder / "prepare_cache.py"
         write_text(prepare, _PREPARE)
         log.info("%s: building the training cache", name)
-        subprocess.run([sys.executable, str(prepare), str(args.config or ""), str(args.data or ""), *common],
+        subprocess.run([sys.executable, str(prepare), str(config or ""), str(args.data or ""), *common],
                        cwd=repo, env=_env(repo), check=True, capture_output=True)
         for seed in args.seeds:
             seed_dir = folder / f"s{seed}"
-            cmd = [sys.executable, "pipelines/run.py", "train", *(["--config", str(args.config)] if args.config else []),
+            cmd = [sys.executable, "pipelines/run.py", "train", *(["--config", str(config)] if config else []),
                    *(["--data", str(args.data)] if args.data else []), *common, f"train.seed={seed}",
                    f"train.threads={args.threads}", f"train.output_dir={seed_dir}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
                    f"tracking.run_name={name}-s{seed}"]
@@ -191,6 +193,13 @@ def run_trials(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out / "trials.json", result)
     write_text(out / "trials.md", table(models))
     return result
+
+
+def _in_copy(path: Path | None, repo: Path) -> Path | None:
+    """A file of this checkout (a config under configs/) as the variant's copy has it; other paths as they are."""
+    if path is None or not path.is_relative_to(ROOT):
+        return path
+    return repo / path.relative_to(ROOT)
 
 
 def _pair(text: str, flag: str) -> tuple[str, Path]:
