@@ -260,11 +260,14 @@ def test_tissue_contrasts_compares_groups_of_cases(tmp_path: Path) -> None:
     assert (out / "tissue_contrasts.png").stat().st_size > 0 and result["failed"] == []
 
 
-def test_trials_train_two_variants_and_score_them(tmp_path: Path) -> None:
-    """trials.py run: each variant in its own copy of the tree (one with a patch applied), a
-    training per seed, every model scored on a real-style folder and a synthetic set; the table has
-    a row per model and a mean row per variant. A second run reuses the trainings."""
+def test_trials_train_a_patched_variant_and_score_it(tmp_path: Path) -> None:
+    """trials.py run: a variant in its own copy of the tree with a patch applied (and the config
+    read from the copy), a training per seed, the model scored on a real-style folder and a
+    synthetic set; the table has the model's row and the variant's mean. A second run reuses the
+    training."""
     import shutil
+
+    import torch
 
     from tests.conftest import write_case
 
@@ -274,25 +277,24 @@ def test_trials_train_two_variants_and_score_them(tmp_path: Path) -> None:
     case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000", seed=7)
     (tmp_path / "real" / "references").mkdir()
     shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
-    patch = tmp_path / "wide.diff"  # a change to the code: the smoke config's network made wider
+    patch = tmp_path / "wide.diff"  # a change to the tree: the smoke config's network made wider
     patch.write_text("--- a/configs/smoke.yaml\n+++ b/configs/smoke.yaml\n@@ -9,3 +9,3 @@ data:\n model:\n-  width: 8\n+  width: 12\n   psp_channels: 32\n")
     out = tmp_path / "trials"
     args = ["run", "--out", str(out), "--seeds", "0", "--config", "configs/smoke.yaml", "--data", str(data),
-            "--variant", "plain", "train.epochs=1", "--variant", "wide", "train.epochs=1", "--patch", f"wide={patch}",
-            "--real", str(tmp_path / "real"), "--synthetic", f"toy={data}", "--parallel", "2"]
+            "--variant", "wide", "train.epochs=1", "--patch", f"wide={patch}",
+            "--real", str(tmp_path / "real"), "--synthetic", f"toy={data}"]
     _run("trials.py", *args)
     result = json.loads((out / "trials.json").read_text())
-    assert [(m["variant"], m["seed"]) for m in result["models"]] == [("plain", 0), ("wide", 0)]
+    (model,) = result["models"]
+    assert (model["variant"], model["seed"]) == ("wide", 0) and result["variants"] == {"wide": ["train.epochs=1"]}
     assert "width: 12" in (out / "wide" / "repo" / "configs" / "smoke.yaml").read_text()
-    assert "width: 8" in (out / "plain" / "repo" / "configs" / "smoke.yaml").read_text()
-    import torch
-
-    for m in result["models"]:
-        assert set(m["dice"]) == {"BraTS-GLI-00007-000", "toy"} and all(0.0 <= v <= 1.0 for d in m["dice"].values() for v in d)
-        ckpt = torch.load(next((out / m["variant"] / "s0").glob("*/checkpoints/best.pt")), weights_only=True, map_location="cpu")
-        assert ckpt["config"]["model"]["width"] == (12 if m["variant"] == "wide" else 8)
-    md = (out / "trials.md").read_text()
-    assert "| **plain: mean of 1** |" in md and "| **wide: mean of 1** |" in md and md.count("\n") == 6
-    first = {m["variant"]: m["run"] for m in result["models"]}
-    _run("trials.py", *args)  # the trainings are there: scored again, not trained again
-    assert {m["variant"]: m["run"] for m in json.loads((out / "trials.json").read_text())["models"]} == first
+    assert "width: 8" in (REPO / "configs" / "smoke.yaml").read_text()
+    assert set(model["dice"]) == {"BraTS-GLI-00007-000", "toy"} and all(0.0 <= v <= 1.0 for d in model["dice"].values() for v in d)
+    (best,) = (out / "wide" / "s0").glob("*/checkpoints/best.pt")
+    ckpt = torch.load(best, weights_only=True, map_location="cpu")
+    assert ckpt["config"]["model"]["width"] == 12 and ckpt["config"]["train"]["epochs"] == 1
+    assert model["run"] == best.parents[1].name
+    md = (out / "trials.md").read_text().splitlines()
+    assert md[2].startswith(f"| wide, seed 0 ({model['run'][:8]}) | ") and md[3].startswith("| **wide: mean of 1** |") and len(md) == 4
+    _run("trials.py", *args)  # the training is there: scored again, not trained again
+    assert [m["run"] for m in json.loads((out / "trials.json").read_text())["models"]] == [model["run"]]
