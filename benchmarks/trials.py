@@ -28,7 +28,9 @@ than most changes, so a change is judged over several seeds and every scan at on
 Writes ``OUT/trials.json`` (per model: variant, seed, run id, calibrated thresholds, Dice per
 case or set) and ``OUT/trials.md`` (a table, a row per model and a mean row per variant, Dice WT
 / TC / ET). A variant whose trainings ran before (a ``best.pt`` in its seed's folder) is not
-trained again: add seeds or scan folders and run the same command. Accuracy, not speed.
+trained again: add seeds or scan folders and run the same command. A bad override stops the
+run before anything trains; a training that fails stops it, and the trainings beside it, naming
+its log. Accuracy, not speed.
 """
 
 from __future__ import annotations
@@ -150,8 +152,10 @@ def run_trials(args: argparse.Namespace) -> dict[str, Any]:
         prepare = folder / "prepare_cache.py"
         write_text(prepare, _PREPARE)
         log.info("%s: building the training cache", name)
-        subprocess.run([sys.executable, str(prepare), str(config or ""), str(args.data or ""), *common],
-                       cwd=repo, env=_env(repo), check=True, capture_output=True)
+        proc = subprocess.run([sys.executable, str(prepare), str(config or ""), str(args.data or ""), *common],
+                              cwd=repo, env=_env(repo), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: building the training cache failed: {proc.stderr.strip()[-2000:]}")
         for seed in args.seeds:
             seed_dir = folder / f"s{seed}"
             cmd = [sys.executable, "pipelines/run.py", "train", *(["--config", str(config)] if config else []),
@@ -161,21 +165,27 @@ def run_trials(args: argparse.Namespace) -> dict[str, Any]:
             jobs.append((name, seed, repo, seed_dir, cmd))
     running: list[tuple[Any, ...]] = []
     pending = [j for j in jobs if not list(j[3].glob("*/checkpoints/best.pt"))]
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            name, seed, repo, seed_dir, cmd = pending.pop(0)
-            seed_dir.mkdir(parents=True, exist_ok=True)
-            logf = open(seed_dir.parent / f"train-s{seed}.log", "w")
-            log.info("%s seed %d: training", name, seed)
-            running.append((subprocess.Popen(cmd, cwd=repo, env=_env(repo), stdout=logf, stderr=subprocess.STDOUT), logf, name, seed))
-        for item in list(running):
-            proc, logf, name, seed = item
-            if proc.poll() is not None:
-                logf.close()
-                running.remove(item)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{name} seed {seed}: training failed (exit {proc.returncode}), see {logf.name}")
-        time.sleep(1.0)
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                name, seed, repo, seed_dir, cmd = pending.pop(0)
+                seed_dir.mkdir(parents=True, exist_ok=True)
+                logf = open(seed_dir.parent / f"train-s{seed}.log", "w")
+                log.info("%s seed %d: training", name, seed)
+                running.append((subprocess.Popen(cmd, cwd=repo, env=_env(repo), stdout=logf, stderr=subprocess.STDOUT), logf, name, seed))
+            for item in list(running):
+                proc, logf, name, seed = item
+                if proc.poll() is not None:
+                    logf.close()
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{name} seed {seed}: training failed (exit {proc.returncode}), see {logf.name}")
+            time.sleep(1.0)
+    finally:  # a failed training (or Ctrl-C) stops the others rather than leaving them running unwatched
+        for proc, logf, _, _ in running:
+            proc.terminate()
+            proc.wait()
+            logf.close()
     models = []
     for name, seed, repo, seed_dir, _ in jobs:
         (best,) = seed_dir.glob("*/checkpoints/best.pt")

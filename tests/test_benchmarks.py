@@ -298,3 +298,31 @@ def test_trials_train_a_patched_variant_and_score_it(tmp_path: Path) -> None:
     assert md[2].startswith(f"| wide, seed 0 ({model['run'][:8]}) | ") and md[3].startswith("| **wide: mean of 1** |") and len(md) == 4
     _run("trials.py", *args)  # the training is there: scored again, not trained again
     assert [m["run"] for m in json.loads((out / "trials.json").read_text())["models"]] == [model["run"]]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the failing training asks for a GPU that is absent")
+def test_trials_stop_the_other_trainings_when_one_fails(tmp_path: Path) -> None:
+    """A bad override is refused before anything trains, naming the variant and the key; a
+    training that fails (one asks for CUDA on a machine without it) ends the run with its name and
+    log, and the training beside it is stopped, not left running."""
+    from tests.conftest import write_case
+
+    data = tmp_path / "data"
+    for k in range(4):
+        write_case(data, "brats2021", f"BraTS2021_{k:05d}", seed=k)
+
+    def trials(out: Path, *variants: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "benchmarks/trials.py", "run", "--out", str(out), "--seeds", "0", "--config", "configs/smoke.yaml",
+             "--data", str(data), *variants, "--parallel", "2"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        )
+
+    proc = trials(tmp_path / "refused", "--variant", "typo", "train.no_such_key=1")
+    assert proc.returncode != 0 and "typo: building the training cache failed" in proc.stderr and "no_such_key" in proc.stderr
+    assert not (tmp_path / "refused" / "typo" / "s0").exists()
+    out = tmp_path / "trials"
+    proc = trials(out, "--variant", "long", "train.epochs=50", "--variant", "bad", "train.device=cuda")
+    assert proc.returncode != 0 and "bad seed 0: training failed" in proc.stderr
+    assert "train-s0.log" in proc.stderr and "CUDA" in (out / "bad" / "train-s0.log").read_text()
+    alive = subprocess.run(["pgrep", "-f", f"train.output_dir={out / 'long' / 's0'}"], capture_output=True, text=True)
+    assert alive.stdout.strip() == "", "the other training was left running"
