@@ -201,6 +201,7 @@ class InferConfig:
     planes: list[str] = field(default_factory=lambda: ["axial"])
     threshold: float = 0.5
     region_thresholds: list[float] | None = None  # WT, TC, ET; set by train.calibrate_threshold; null: threshold for all
+    hysteresis: float = 0.0  # > 0: a region also keeps the voxels above hysteresis x its threshold connected to it (inference.hysteresis_masks); 0 = off
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
@@ -214,6 +215,11 @@ class InferConfig:
         """The probability above which a voxel is in each region (WT, TC, ET)."""
         return tuple(self.region_thresholds) if self.region_thresholds else (self.threshold,) * 3
 
+    @property
+    def low_thresholds(self) -> tuple[float, ...] | None:
+        """Hysteresis thresholding's low thresholds per region (``hysteresis`` x each threshold); None when off."""
+        return tuple(round(self.hysteresis * t, 6) for t in self.thresholds) if self.hysteresis > 0 else None
+
     def validate(self) -> None:
         _check(self.batch_size >= 1, "infer.batch_size", self.batch_size, ">= 1")
         _check(len(self.roi_size) == 2 and all(s >= 16 for s in self.roi_size), "infer.roi_size", self.roi_size, "2 integers >= 16")
@@ -223,6 +229,7 @@ class InferConfig:
         _check(rt is None or (len(rt) == 3 and all(0.0 < t < 1.0 for t in rt)), "infer.region_thresholds", rt, "null or 3 values in (0, 1): WT, TC, ET")
         _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "infer.planes", self.planes, "a subset of axial, coronal, sagittal")
         _check(len(self.scales) > 0 and all(0.25 <= float(f) <= 4.0 for f in self.scales), "infer.scales", self.scales, "one or more zoom factors in [0.25, 4]")
+        _check(0.0 <= self.hysteresis < 1.0, "infer.hysteresis", self.hysteresis, "in [0, 1): the low threshold as a fraction of each region's")
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")
         _check(0.0 <= self.min_component_fraction < 1.0, "infer.min_component_fraction", self.min_component_fraction, "in [0, 1)")

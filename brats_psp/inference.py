@@ -8,7 +8,8 @@ case: the volume is cropped to the brain) are padded and batched directly; large
 through MONAI's :class:`~monai.inferers.SliceInferer` (``infer.overlap``, ``infer.blend``).
 Both give the same result where both apply (tested). Only slices inside the brain's box are
 computed: the volume arrives cropped to it.
-:func:`probabilities_to_tissue` thresholds them into a tissue map with the BraTS nesting.
+:func:`probabilities_to_tissue` thresholds them into a tissue map with the BraTS nesting (optionally by
+hysteresis, :func:`hysteresis_masks`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from brats_psp.networks import region_probabilities
 from brats_psp.runtime import Runtime, autocast
 
 __all__ = [
-    "PLANE_AXES", "RegionProbabilities", "above_threshold", "add_context", "is_out_of_memory", "predict_volume", "probabilities_to_tissue",
+    "PLANE_AXES", "RegionProbabilities", "above_threshold", "add_context", "hysteresis_masks", "is_out_of_memory", "predict_volume", "probabilities_to_tissue",
     "zoom_in_plane",
 ]
 
@@ -197,7 +198,33 @@ def above_threshold(probs: torch.Tensor | np.ndarray, threshold: float | Sequenc
     return probs > (torch.from_numpy(values).to(probs.device) if isinstance(probs, torch.Tensor) else values)
 
 
-def probabilities_to_tissue(probs: torch.Tensor | np.ndarray, threshold: float | Sequence[float] = 0.5) -> np.ndarray:
-    """3 × ... region probabilities -> uint8 tissue map (ET > TC > WT nesting, see :mod:`brats_psp.labels`)."""
+def hysteresis_masks(probs: np.ndarray, threshold: float | Sequence[float], low: float | Sequence[float]) -> np.ndarray:
+    """3 × ... region probabilities -> boolean masks by hysteresis thresholding, per region.
+
+    A region is its voxels above ``threshold`` (as :func:`above_threshold`) and, with them, the
+    voxels above ``low`` that are connected to one of those (26-connected through voxels above
+    ``low``): a confident region grows over its uncertain edge, and nothing of that edge that
+    touches no confident voxel is added. ``low`` at or above ``threshold`` changes nothing.
+    """
+    from scipy import ndimage
+
+    high = np.asarray(above_threshold(probs, threshold))
+    weak = np.asarray(above_threshold(probs, low)) | high
+    masks = high.copy()
+    for r in range(len(REGION_NAMES)):
+        if not high[r].any() or (weak[r] == high[r]).all():
+            continue
+        labelled, _ = ndimage.label(weak[r], structure=np.ones((3,) * weak[r].ndim, bool))
+        seeds = np.unique(labelled[high[r]])
+        masks[r] = np.isin(labelled, seeds[seeds > 0])
+    return masks
+
+
+def probabilities_to_tissue(
+    probs: torch.Tensor | np.ndarray, threshold: float | Sequence[float] = 0.5, low: float | Sequence[float] | None = None
+) -> np.ndarray:
+    """3 × ... region probabilities -> uint8 tissue map (ET > TC > WT nesting, see :mod:`brats_psp.labels`);
+    with ``low`` (one value or one per region), hysteresis thresholding (:func:`hysteresis_masks`)."""
     probs = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    return regions_to_tissue(above_threshold(probs, threshold)).astype(np.uint8)
+    masks = above_threshold(probs, threshold) if low is None else hysteresis_masks(probs, threshold, low)
+    return regions_to_tissue(masks).astype(np.uint8)

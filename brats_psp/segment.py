@@ -59,7 +59,8 @@ from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_rele
 from brats_psp.runtime import Runtime, setup_runtime
 
 __all__ = [
-    "PreparedCase", "SegmentResult", "ensemble_config", "fill_core", "fill_rim_hull", "load_models", "postprocess", "predict_case", "prepare_case", "segment_case",
+    "PreparedCase", "SegmentResult", "ensemble_config", "fill_core", "fill_rim_hull", "load_models", "postprocess", "predict_case", "prepare_case",
+    "probabilities_on_input_grid", "segment_case",
     "segment_cases", "write_case",
 ]
 
@@ -221,7 +222,7 @@ def _convex_hull(mask: np.ndarray) -> np.ndarray:
     return mask | inside.reshape(mask.shape)
 
 
-def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:
+def probabilities_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:
     """Invert crop, spacing and orientation on region probabilities (3 × X × Y × Z)."""
     ops = copy.deepcopy(list(image.applied_operations))  # MONAI's inverses pop from them
     meta = MetaTensor(probs, meta=dict(image.meta), applied_operations=ops)
@@ -229,30 +230,34 @@ def _to_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.nda
     return np.asarray(back.detach().cpu().numpy() if hasattr(back, "detach") else back)
 
 
-def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, threshold: float | Sequence[float]) -> np.ndarray:
+def tissue_on_input_grid(
+    probs: torch.Tensor, image: MetaTensor, chain: Any, threshold: float | Sequence[float], low: float | Sequence[float] | None = None
+) -> np.ndarray:
     """uint8 tissue map on the input's grid, resampling only the box around the tumour.
 
-    The same labels as thresholding :func:`_to_input_grid`'s probabilities, for a fraction of
+    The same labels as thresholding :func:`probabilities_on_input_grid`'s probabilities, for a fraction of
     the cost (the full inverse resamples three float channels over the whole input grid).
     Linear interpolation never exceeds its neighbours, so a voxel whose neighbours are all at
     or below ``threshold`` stays background: only the box of voxels above it, one voxel wider
     for the interpolation's reach, is resampled back (MONAI's ``SpatialResample``, with the
     mode, padding and corners the forward resampling used). The crop and the orientation are
-    then undone by the chain's own inverses, on the uint8 labels.
+    then undone by the chain's own inverses, on the uint8 labels. With ``low`` (hysteresis
+    thresholding, :func:`~brats_psp.inference.hysteresis_masks`) the box is that of the voxels
+    above ``low``, and the hysteresis runs on the input's grid.
     """
     ops = copy.deepcopy(list(image.applied_operations))  # MONAI's inverses pop from them
     spacing = next((t for t in chain.transforms if isinstance(t, Spacingd)), None)
     if spacing is None or not ops or ops[-1]["class"] != "SpatialResample":
-        return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
+        return probabilities_to_tissue(probabilities_on_input_grid(probs, image, chain), threshold, low)
     info = ops[-1]["extra_info"]
     src_affine = torch.as_tensor(info["src_affine"], dtype=torch.float64)  # the grid before resampling
     affine = torch.as_tensor(image.affine, dtype=torch.float64)
     to_resampled = torch.linalg.solve(affine, src_affine)  # input voxel -> resampled voxel: scale and shift
     if not torch.allclose(to_resampled[:3, :3], torch.diag(torch.diagonal(to_resampled[:3, :3])), atol=1e-6):
-        return probabilities_to_tissue(_to_input_grid(probs, image, chain), threshold)
+        return probabilities_to_tissue(probabilities_on_input_grid(probs, image, chain), threshold, low)
     size = [int(n) for n in ops[-1]["orig_size"]]
     tissue = torch.zeros(size, dtype=torch.uint8)
-    above = above_threshold(probs, threshold).any(0)
+    above = above_threshold(probs, threshold if low is None else np.minimum(threshold, low)).any(0)
     if above.any():
         box_in, box_out = [], []
         for d, n in enumerate(above.shape):
@@ -272,7 +277,7 @@ def tissue_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any, thr
             resample = SpatialResample(mode=info["mode"], padding_mode=info["padding_mode"], align_corners=info["align_corners"], dtype=torch.float32)
             with resample.trace_transform(False):
                 back = resample(sub, dst_affine=src_affine @ start_out, spatial_size=[b.stop - b.start for b in box_out])
-            tissue[tuple(box_out)] = torch.from_numpy(probabilities_to_tissue(torch.as_tensor(back.as_tensor()), threshold))
+            tissue[tuple(box_out)] = torch.from_numpy(probabilities_to_tissue(torch.as_tensor(back.as_tensor()), threshold, low))
     data = {"image": MetaTensor(tissue[None], affine=src_affine, applied_operations=ops[:-1])}
     for t in reversed(chain.transforms):
         if isinstance(t, InvertibleTransform) and t is not spacing:
@@ -322,10 +327,10 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
     chain = volume_transforms(spacing, with_label=False)  # its inverses undo the image's applied operations
     ref = open_nifti(case.case_id, case.images[0])  # the input's grid: shape, affine and header of the output
     if cfg.save_probabilities:
-        probs_in = _to_input_grid(probs, image, chain)
-        tissue = probabilities_to_tissue(probs_in, cfg.thresholds)
+        probs_in = probabilities_on_input_grid(probs, image, chain)
+        tissue = probabilities_to_tissue(probs_in, cfg.thresholds, cfg.low_thresholds)
     else:
-        tissue = tissue_on_input_grid(probs, image, chain, cfg.thresholds)
+        tissue = tissue_on_input_grid(probs, image, chain, cfg.thresholds, cfg.low_thresholds)
     tissue = postprocess(tissue, cfg)
     release = case.labels if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)

@@ -73,6 +73,44 @@ def test_threshold_benchmark_runs(tmp_path: Path) -> None:
     assert all(len(row) == 2 and all(0.0 <= d <= 1.0 for d in row) for row in result["dice"].values())
 
 
+def test_postprocessing_benchmark_scores_variants_as_infer_labels_them(tmp_path: Path) -> None:
+    """Its default variant's Dice is that of ``infer`` + ``evaluate`` on the same model, case by case;
+    other variants change only the steps after the network; a network-side override is refused."""
+    import shutil
+
+    from brats_psp.config import load_config
+    from brats_psp.evaluation import evaluate
+    from brats_psp.segment import segment_cases
+    from tests.conftest import untrained_checkpoint, write_case
+
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    for i in range(2):
+        write_case(tmp_path / "syn", "brats2021", f"BraTS2021_{i:05d}", seed=i)
+    case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000", seed=5)
+    (tmp_path / "real" / "references").mkdir()
+    shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
+    out = tmp_path / "out"
+    _run("postprocessing.py", "--model", str(ckpt), "--real", str(tmp_path / "real"), "--synthetic", f"syn={tmp_path / 'syn'}",
+         "--variant", "default", "--variant", "strict", "infer.region_thresholds=[0.999,0.999,0.999]",
+         "--variant", "grow", "infer.hysteresis=0.5", "--out", str(out))
+    result = json.loads((out / "postprocessing.json").read_text())
+    scored = result["models"][str(ckpt)]["variants"]
+    assert set(scored) == {"default", "strict", "grow"} and set(scored["default"]) == {"real:real", "syn"}
+    assert set(scored["default"]["real:real"]) == {"BraTS-GLI-00007-000"} and len(scored["default"]["syn"]) == 2
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", "infer.tta=false"]).infer
+    segment_cases(str(ckpt), tmp_path / "syn", tmp_path / "pred", cfg, progress=False)
+    rows = evaluate(tmp_path / "pred", tmp_path / "syn", out_dir=tmp_path / "eval").rows
+    for row in rows:
+        k = ("WT", "TC", "ET").index(row["region"])
+        assert scored["default"]["syn"][row["case"]][k] == pytest.approx(row["dice"], abs=1e-4), (row, scored["default"]["syn"])
+    assert scored["strict"] != scored["default"]  # an untrained model's probabilities are near 0.5: nothing is that sure
+    md = (out / "postprocessing.md").read_text()
+    assert "| default |" in md and "| grow |" in md and "real mean" in md
+    proc = subprocess.run([sys.executable, "benchmarks/postprocessing.py", "--model", str(ckpt), "--synthetic", f"syn={tmp_path / 'syn'}",
+                           "--variant", "tta", "infer.tta=true", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "infer.tta does not act after the network" in proc.stderr
+
+
 def test_depth_benchmark_runs(tmp_path: Path) -> None:
     import shutil
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from brats_psp.checkpoint import save_checkpoint
-from brats_psp.config import config_to_dict, load_config
+from brats_psp.config import ConfigError, config_to_dict, load_config
 from brats_psp.data.discovery import discover_cases
 from brats_psp.data.transforms import preprocessing_params
 from brats_psp.labels import RELEASES, Tissue
@@ -268,7 +268,7 @@ def test_labels_from_the_tumour_box_equal_the_whole_inverse(tmp_path: Path, affi
     """Resampling only the box around the tumour gives the labels of inverting every voxel."""
     from brats_psp.data.transforms import apply_transforms, volume_transforms
     from brats_psp.inference import probabilities_to_tissue
-    from brats_psp.segment import _to_input_grid, tissue_on_input_grid
+    from brats_psp.segment import probabilities_on_input_grid, tissue_on_input_grid
 
     kwargs = {} if affine is None else {"affine": affine}
     write_case(tmp_path / "raw", "brats2021", "BraTS2021_00000", shape=(44, 40, 30), **kwargs)
@@ -277,15 +277,19 @@ def test_labels_from_the_tumour_box_equal_the_whole_inverse(tmp_path: Path, affi
     image = apply_transforms(chain, {"case": case})["image"]
     for seed in range(3):
         probs = _smooth_probabilities(tuple(image.shape[1:]), seed, edge)
-        whole = probabilities_to_tissue(_to_input_grid(probs, image, chain), 0.5)
+        whole = probabilities_to_tissue(probabilities_on_input_grid(probs, image, chain), 0.5)
         box = tissue_on_input_grid(probs, image, chain, 0.5)
         assert box.shape == whole.shape == (44, 40, 30) and box.dtype == np.uint8
         assert (whole > 0).sum() > 50
         np.testing.assert_array_equal(box, whole)
+        # with hysteresis, the box is that of the low threshold: still the whole inverse's labels
+        grown = probabilities_to_tissue(probabilities_on_input_grid(probs, image, chain), 0.5, 0.25)
+        np.testing.assert_array_equal(tissue_on_input_grid(probs, image, chain, 0.5, 0.25), grown)
+        assert ((grown > 0) & (whole == 0)).any() and (grown[whole > 0] > 0).all()
     empty = tissue_on_input_grid(torch.zeros(3, *image.shape[1:]), image, chain, 0.5)
     assert empty.shape == (44, 40, 30) and not empty.any()
     full = tissue_on_input_grid(torch.ones(3, *image.shape[1:]), image, chain, 0.5)
-    np.testing.assert_array_equal(full, probabilities_to_tissue(_to_input_grid(torch.ones(3, *image.shape[1:]), image, chain), 0.5))
+    np.testing.assert_array_equal(full, probabilities_to_tissue(probabilities_on_input_grid(torch.ones(3, *image.shape[1:]), image, chain), 0.5))
 
 
 def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
@@ -424,6 +428,29 @@ def test_per_region_thresholds() -> None:
     assert isinstance(t, torch.Tensor) and t[:, :, 0, 0].tolist() == [[True, True, True, False], [False, True, True, False], [False, False, True, False]]
     cfg = load_config(None, ["infer.region_thresholds=[0.4,0.3,0.25]"]).infer
     assert cfg.thresholds == (0.4, 0.3, 0.25) and load_config(None, ["infer.threshold=0.45"]).infer.thresholds == (0.45,) * 3
+
+
+def test_hysteresis_grows_confident_regions_over_their_uncertain_edge() -> None:
+    from brats_psp.inference import hysteresis_masks, probabilities_to_tissue
+
+    probs = np.zeros((3, 12, 5, 5), np.float32)
+    probs[:, 1:4, 1:4, 1:4] = 0.3  # an uncertain blob with a confident voxel: grows whole
+    probs[2, 1:4, 1:4, 1:4] = 0.1  # ET: its edge is below the low threshold of 0.25
+    probs[:, 2, 2, 2] = 0.9
+    probs[:, 4, 2, 2] = 0.3  # touches the blob (26-connected): grows
+    probs[:, 7:10, 1:4, 1:4] = 0.3  # uncertain, touching nothing confident: stays out
+    masks = hysteresis_masks(probs, 0.5, 0.25)
+    assert masks[0].sum() == 28 and masks[0][1:5].sum() == 28 and not masks[0][7:].any()
+    assert masks[2].sum() == 1  # only the confident voxel
+    np.testing.assert_array_equal(hysteresis_masks(probs, 0.5, 0.5), probs > 0.5)  # low = threshold: plain thresholding
+    per_region = hysteresis_masks(probs, [0.5, 0.5, 0.5], [0.25, 0.6, 0.05])  # one low threshold per region
+    assert per_region[0].sum() == 28 and per_region[1].sum() == 1 and per_region[2].sum() == 28
+    tissue = probabilities_to_tissue(probs, 0.5, 0.25)
+    assert (tissue[2, 2, 2] == Tissue.ET) and (tissue[1:5] == Tissue.NCR).sum() == 27 and not tissue[7:].any()
+    cfg = load_config(None, ["infer.region_thresholds=[0.4,0.2,0.3]", "infer.hysteresis=0.5"]).infer
+    assert cfg.low_thresholds == (0.2, 0.1, 0.15) and load_config(None, []).infer.low_thresholds is None
+    with pytest.raises(ConfigError, match="infer.hysteresis"):
+        load_config(None, ["infer.hysteresis=1.5"])
 
 
 def _smoke_checkpoint(path: Path, seed: int, overrides: list[str]) -> Path:
