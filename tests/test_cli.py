@@ -27,3 +27,25 @@ def test_help_answers_without_importing_torch_monai_or_mlflow(args: list[str]) -
     out, modules = _imported_modules(*args)
     assert out.startswith("usage: ")
     assert not {"torch", "monai", "mlflow", "scipy"} & modules, sorted({"torch", "monai", "mlflow", "scipy"} & modules)
+
+
+def test_infer_from_a_checkpoint_file_never_imports_mlflow(tmp_path) -> None:
+    """MONAI's `import monai` would pull mlflow in through monai.handlers (brats_psp._monai hides
+    it while MONAI loads); a checkpoint file needs no MLflow, so `infer` never loads it. The
+    stages that track still get the real mlflow afterwards, in the same process."""
+    from tests.conftest import untrained_checkpoint, write_case
+
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    write_case(tmp_path / "cases", "brats2021", "BraTS2021_00000")
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['run.py', 'infer', '--model', {str(ckpt)!r}, '--input', {str(tmp_path / 'cases')!r}, '--output', {str(tmp_path / 'out')!r}]\n"
+        f"try:\n    runpy.run_path({str(REPO / 'pipelines' / 'run.py')!r}, run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('monai' in sys.modules, 'mlflow' in sys.modules)\n"
+        "import mlflow.tracking\n"
+        "print(mlflow.tracking.MlflowClient.__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "False", "MlflowClient"], proc.stdout
+    assert (tmp_path / "out" / "BraTS2021_00000.nii.gz").is_file()
