@@ -111,6 +111,21 @@ def test_postprocessing_benchmark_scores_variants_as_infer_labels_them(tmp_path:
     assert proc.returncode != 0 and "infer.tta does not act after the network" in proc.stderr
 
 
+def test_startup_benchmark_runs(tmp_path: Path) -> None:
+    from tests.conftest import untrained_checkpoint, write_case
+
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    write_case(tmp_path / "cases", "brats2021", "BraTS2021_00000")
+    out = tmp_path / "startup.json"
+    against = ["--against", "HEAD"] if (REPO / ".git").exists() else []
+    _run("startup.py", "--model", str(ckpt), "--case", str(tmp_path / "cases" / "BraTS2021_00000"), "--rounds", "1", *against, "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["median_seconds"]) >= {"floor", "help", "infer"} and all(v > 0 for v in result["median_seconds"].values())
+    assert result["ratios"]["infer_over_floor"] > 0 and len(result["case_seconds"]["infer"]) == 1
+    if against:
+        assert result["ratios"]["infer_over_infer@HEAD"] > 0 and len(result["seconds"]["infer@HEAD"]) == 1
+
+
 def test_depth_benchmark_runs(tmp_path: Path) -> None:
     import shutil
 
