@@ -201,7 +201,7 @@ class InferConfig:
     planes: list[str] = field(default_factory=lambda: ["axial"])
     threshold: float = 0.5
     region_thresholds: list[float] | None = None  # WT, TC, ET; set by train.calibrate_threshold; null: threshold for all
-    hysteresis: float = 0.0  # > 0: a region also keeps the voxels above hysteresis x its threshold connected to it (inference.hysteresis_masks); 0 = off
+    hysteresis: float = 0.5  # a region also keeps the voxels above hysteresis x its threshold connected to it (inference.hysteresis_masks); 0 = off
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables

@@ -448,7 +448,7 @@ def test_hysteresis_grows_confident_regions_over_their_uncertain_edge() -> None:
     tissue = probabilities_to_tissue(probs, 0.5, 0.25)
     assert (tissue[2, 2, 2] == Tissue.ET) and (tissue[1:5] == Tissue.NCR).sum() == 27 and not tissue[7:].any()
     cfg = load_config(None, ["infer.region_thresholds=[0.4,0.2,0.3]", "infer.hysteresis=0.5"]).infer
-    assert cfg.low_thresholds == (0.2, 0.1, 0.15) and load_config(None, []).infer.low_thresholds is None
+    assert cfg.low_thresholds == (0.2, 0.1, 0.15) and load_config(None, ["infer.hysteresis=0"]).infer.low_thresholds is None
     with pytest.raises(ConfigError, match="infer.hysteresis"):
         load_config(None, ["infer.hysteresis=1.5"])
 
@@ -481,7 +481,7 @@ def test_an_ensemble_thresholds_the_mean_of_its_models_probabilities(tmp_path: P
     info = json.loads((tmp_path / "ab" / "inference.json").read_text())
     assert info["checkpoint"] == [str(a), str(b)] and info["run_id"] is None
     # the CLI: --model repeated; the labels are the mean's, thresholded at the mean thresholds
-    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false", "infer.rim_hull=false") == 0
+    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false", "infer.rim_hull=false", "infer.hysteresis=0") == 0
     labels = np.asarray(nib.load(str(tmp_path / "cli" / "BraTS2021_00000.nii.gz")).dataobj)
     expected = np.zeros(labels.shape, np.uint8)
     wt, tc, et = (probs["ab"][..., k] > 0.4 for k in range(3))
