@@ -9,7 +9,8 @@ Fresh processes, in alternating rounds (``--rounds``), each timed from outside:
   writes one uint8 label volume of their shape (what any segmentation command must do,
   without the network);
 * ``python pipelines/run.py --help``;
-* ``python pipelines/run.py infer --model M --input CASE --output TMP`` (the default settings);
+* ``python pipelines/run.py infer --model M --input CASE --output TMP`` (the default settings,
+  or the ``infer.*`` overrides given as arguments);
 * with ``--against REV``: that revision's ``infer`` on the same case (a git worktree), for a
   before/after ratio measured in the same rounds.
 
@@ -55,12 +56,12 @@ def _timed(cmd: list[str], cwd: Path) -> float:
     return elapsed
 
 
-def _infer(tree: Path, model: str, case: Path, out: Path) -> tuple[list[str], Path]:
+def _infer(tree: Path, model: str, case: Path, out: Path, overrides: list[str]) -> tuple[list[str], Path]:
     shutil.rmtree(out, ignore_errors=True)
-    return [sys.executable, str(tree / "pipelines" / "run.py"), "infer", "--model", model, "--input", str(case), "--output", str(out)], out
+    return [sys.executable, str(tree / "pipelines" / "run.py"), "infer", "--model", model, "--input", str(case), "--output", str(out), *overrides], out
 
 
-def run(model: str, case: Path, rounds: int, against: str | None) -> dict[str, Any]:
+def run(model: str, case: Path, rounds: int, against: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
     times: dict[str, list[float]] = {"floor": [], "help": [], "infer": []}
     case_seconds: dict[str, list[float]] = {"infer": []}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -78,7 +79,7 @@ def run(model: str, case: Path, rounds: int, against: str | None) -> dict[str, A
                 times["floor"].append(_timed([sys.executable, str(floor), str(case), str(tmp / "floor.nii.gz")], tmp))
                 times["help"].append(_timed([sys.executable, str(ROOT / "pipelines" / "run.py"), "--help"], tmp))
                 for name, tree in trees.items():
-                    cmd, out = _infer(tree, model, case, tmp / name)
+                    cmd, out = _infer(tree, model, case, tmp / name, overrides or [])
                     times[name].append(_timed(cmd, tmp))
                     info = json.loads((out / "inference.json").read_text())
                     case_seconds[name].append(sum(info["seconds_per_case"].values()))
@@ -90,7 +91,7 @@ def run(model: str, case: Path, rounds: int, against: str | None) -> dict[str, A
     ratios = {"infer_over_floor": med["infer"] / med["floor"]}
     if against:
         ratios[f"infer_over_infer@{against}"] = median([a / b for a, b in zip(times["infer"], times[f"infer@{against}"])])
-    return {"model": model, "case": str(case), "rounds": rounds, "against": against, "seconds": times,
+    return {"model": model, "case": str(case), "rounds": rounds, "against": against, "overrides": overrides or [], "seconds": times,
             "case_seconds": case_seconds, "median_seconds": med, "ratios": ratios}
 
 
@@ -101,8 +102,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--against", help="a git revision whose infer runs in the same rounds")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/startup.json)")
+    ap.add_argument("overrides", nargs="*", help="infer overrides key=value, for both revisions' infer")
     args = ap.parse_args()
-    result = run(args.model, args.case.resolve(), args.rounds, args.against)
+    result = run(args.model, args.case.resolve(), args.rounds, args.against, args.overrides)
     rows = [[k, v, median(result["case_seconds"][k]) if k in result["case_seconds"] else ""] for k, v in result["median_seconds"].items()]
     print(table(rows, ["command", "median s", "case s (inference.json)"]))
     print(", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
