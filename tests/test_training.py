@@ -106,6 +106,28 @@ def test_calibration_picks_the_threshold_of_the_best_validation_dice() -> None:
     assert pick_thresholds(grid, means) == [0.4, 0.5, 0.5]
 
 
+def test_calibration_scores_et_after_the_small_et_rule() -> None:
+    """A false enhancing speck (under infer.small_et_voxels) in a case without enhancing tumour
+    costs nothing at calibration, as infer removes it; a large false region still counts."""
+    import torch
+
+    from brats_psp.training import calibration_dice, pick_thresholds
+
+    grid = (0.2, 0.3, 0.4)
+    probs = torch.zeros(3, 20, 20, 20)
+    ref = np.zeros((3, 20, 20, 20), bool)
+    ref[:2, 5:15, 5:15, 5:15] = True  # a core without enhancing tumour
+    probs[:2, 5:15, 5:15, 5:15] = 0.9
+    probs[2, 8:10, 8:10, 8:10] = 0.35  # an 8-voxel speck of "enhancing tumour", above 0.2 and 0.3
+    plain = calibration_dice(probs, ref, grid)
+    assert plain[2].tolist() == [0.0, 0.0, 1.0] and plain[0].tolist() == [1.0, 1.0, 1.0]
+    ruled = calibration_dice(probs, ref, grid, small_et=10)
+    assert ruled[2].tolist() == [1.0, 1.0, 1.0] and np.array_equal(ruled[:2], plain[:2])
+    assert pick_thresholds(grid, plain)[2] == 0.4 and pick_thresholds(grid, ruled)[2] == 0.4  # all equal: nearest 0.5
+    probs[2, 4:16, 4:16, 4:16].clamp_(min=0.25)  # a large false region: not a speck
+    assert calibration_dice(probs, ref, grid, small_et=10)[2].tolist() == [0.0, 1.0, 1.0]
+
+
 class Crash(RuntimeError):
     pass
 
