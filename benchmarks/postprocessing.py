@@ -6,7 +6,8 @@ probabilities, over several models, on real scans and synthetic sets at once.
         --variant default --variant grow infer.hysteresis=0.5 --variant no-hull infer.rim_hull=false \\
         --out /tmp/postprocessing
 
-Each model segments every case once (its own ``infer`` settings: TTA, scales, planes); the region
+Each model segments every case once (its own ``infer`` settings: TTA, scales, planes; a case is
+read, preprocessed and its reference loaded once for all the models); the region
 probabilities, back on the case's grid, are kept in memory while every ``--variant`` (a name and
 ``infer`` overrides that act after the network: ``region_thresholds``, ``hysteresis``,
 ``small_et_voxels``, ``min_component_fraction``, ``fill_core``, ``rim_hull``...) turns them into
@@ -90,38 +91,44 @@ def score_models(
     from brats_psp.runtime import setup_runtime
     from brats_psp.segment import postprocess, predict_case, prepare_case, probabilities_on_input_grid
 
-    result: dict[str, Any] = {}
-    for model in models:
-        loaded = load_model(model)
-        cfgs = {name: apply_overrides(copy.deepcopy(loaded.config), overrides).infer for name, overrides in variants.items()}  # in place: a copy each
-        base = loaded.config.infer
-        runtime = setup_runtime(loaded.config.train.device, loaded.config.train.precision, 0)
-        spacing, percentiles = loaded.config.data.spacing, loaded.config.data.intensity_percentiles
-        chain = volume_transforms(spacing, with_label=False)
-        per_model: dict[str, Any] = {name: {} for name in variants}
-        for folder_name, (folder, real) in folders.items():
-            for case in discover_cases(folder).cases:
-                ref_path = _reference(case, folder / "references" if real else None)
-                if ref_path is None:
-                    continue
-                prepared = prepare_case(case, spacing, percentiles)
-                if isinstance(prepared, CaseError):
-                    raise prepared
-                probs = probabilities_on_input_grid(predict_case(loaded, prepared, base, runtime), prepared.image, chain)
-                ref_img = nib.load(str(ref_path))
-                ref = release_to_regions(_canonical(np.asanyarray(ref_img.dataobj), ref_img.affine), case.labels)
-                affine = nib.load(str(case.images[0])).affine
-                for name, cfg in cfgs.items():
+    loaded = {model: load_model(model) for model in models}
+    cfgs = {  # apply_overrides works in place: a copy of the model's config per variant
+        model: {name: apply_overrides(copy.deepcopy(m.config), overrides).infer for name, overrides in variants.items()}
+        for model, m in loaded.items()
+    }
+    first = next(iter(loaded.values())).config.train
+    runtime = setup_runtime(first.device, first.precision, 0)
+    per_model: dict[str, dict[str, Any]] = {model: {name: {} for name in variants} for model in models}
+    for folder_name, (folder, real) in folders.items():
+        for case in discover_cases(folder).cases:
+            ref_path = _reference(case, folder / "references" if real else None)
+            if ref_path is None:
+                continue
+            ref_img = nib.load(str(ref_path))  # read once per case, for every model
+            ref = release_to_regions(_canonical(np.asanyarray(ref_img.dataobj), ref_img.affine), case.labels)
+            affine = nib.load(str(case.images[0])).affine
+            prepared: dict[tuple[Any, ...], Any] = {}  # preprocessed once per (spacing, percentiles), as infer does for an ensemble
+            for model, m in loaded.items():
+                spacing, percentiles = m.config.data.spacing, m.config.data.intensity_percentiles
+                key = (tuple(spacing), tuple(percentiles) if percentiles else None)
+                if key not in prepared:
+                    prepared[key] = prepare_case(case, spacing, percentiles)
+                    if isinstance(prepared[key], CaseError):
+                        raise prepared[key]
+                image = prepared[key].image
+                probs = probabilities_on_input_grid(predict_case(m, prepared[key], m.config.infer, runtime), image, volume_transforms(spacing, with_label=False))
+                for name, cfg in cfgs[model].items():
                     tissue = postprocess(probabilities_to_tissue(probs, cfg.thresholds, cfg.low_thresholds), cfg)
                     pred = tissue_to_regions(_canonical(tissue, affine))
                     if pred.shape != ref.shape:
                         raise ValueError(f"{case.case_id}: prediction {pred.shape[1:]} and reference {ref.shape[1:]} differ in shape")
-                    scores = [round(dice(pred[r], ref[r]), 4) for r in range(len(REGION_NAMES))]
-                    per_model[name].setdefault(folder_name, {})[case.case_id] = scores
+                    per_model[model][name].setdefault(folder_name, {})[case.case_id] = [round(dice(pred[r], ref[r]), 4) for r in range(len(REGION_NAMES))]
                 log.info("%s: %s scored", Path(model).parent.parent.name, case.case_id)
-        result[model] = {"thresholds": list(base.thresholds), "variants": per_model,
-                         "infer": {name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()}}
-    return result
+    return {
+        model: {"thresholds": list(m.config.infer.thresholds), "variants": per_model[model],
+                "infer": {name: dataclasses.asdict(cfg) for name, cfg in cfgs[model].items()}}
+        for model, m in loaded.items()
+    }
 
 
 def table(result: dict[str, Any], folders: dict[str, tuple[Path, bool]]) -> str:

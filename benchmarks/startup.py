@@ -36,11 +36,13 @@ from common import ROOT, median, table, write_result
 
 _FLOOR = """\
 import sys
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import torch  # noqa: F401  (any segmentation command loads its framework)
 
-paths = sorted(p for p in __import__("pathlib").Path(sys.argv[1]).iterdir() if ".nii" in p.name)[:4]
+paths = sorted(p for p in Path(sys.argv[1]).iterdir() if ".nii" in p.name)[:4]
 images = [np.asanyarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in paths]
 ref = nib.load(str(paths[0]))
 nib.save(nib.Nifti1Image(np.zeros(images[0].shape, np.uint8), ref.affine), sys.argv[2])

@@ -89,12 +89,15 @@ def test_postprocessing_benchmark_scores_variants_as_infer_labels_them(tmp_path:
     case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000", seed=5)
     (tmp_path / "real" / "references").mkdir()
     shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
+    twin = tmp_path / "twin.pt"  # the same weights under another name: the case is prepared once for both
+    shutil.copy(ckpt, twin)
     out = tmp_path / "out"
-    _run("postprocessing.py", "--model", str(ckpt), "--real", str(tmp_path / "real"), "--synthetic", f"syn={tmp_path / 'syn'}",
+    _run("postprocessing.py", "--model", str(ckpt), "--model", str(twin), "--real", str(tmp_path / "real"), "--synthetic", f"syn={tmp_path / 'syn'}",
          "--variant", "default", "--variant", "strict", "infer.region_thresholds=[0.999,0.999,0.999]",
          "--variant", "grow", "infer.hysteresis=0.5", "--out", str(out))
     result = json.loads((out / "postprocessing.json").read_text())
     scored = result["models"][str(ckpt)]["variants"]
+    assert result["models"][str(twin)]["variants"] == scored
     assert set(scored) == {"default", "strict", "grow"} and set(scored["default"]) == {"real:real", "syn"}
     assert set(scored["default"]["real:real"]) == {"BraTS-GLI-00007-000"} and len(scored["default"]["syn"]) == 2
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", "infer.tta=false"]).infer
