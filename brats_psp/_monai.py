@@ -1,24 +1,40 @@
-"""Import MONAI without importing MLflow: imported by every brats_psp module that uses MONAI,
-before its first ``monai`` import.
+"""Import MONAI without the optional packages brats_psp never uses through it: imported by every
+brats_psp module that uses MONAI, before its first ``monai`` import.
 
 ``import monai`` loads every MONAI subpackage (``load_submodules`` in ``monai/__init__.py``;
 its ``pkgutil.walk_packages`` imports each package in order to walk it, ``monai.handlers``
-included, although MONAI means to exclude it), and ``monai.handlers``' MLflow handler imports
-mlflow: about a second of ``infer``'s start-up (``python -X importtime``) for a handler that
-brats_psp never uses. So while MONAI loads, mlflow is hidden (a ``None`` entry in
-``sys.modules`` makes its import raise ImportError, which MONAI's ``optional_import`` turns
-into a placeholder), unless it is imported already; the stages that track import the real
-one afterwards (:mod:`brats_psp.tracking`).
+included, although MONAI means to exclude it), and with them the optional packages those
+subpackages probe at import time (``python -X importtime``, 2 cores, PyTorch 2.13 CPU):
+
+- ``mlflow``: ``monai.handlers``' MLflow handler, about a second;
+- ``scipy.signal`` (and with it ``scipy.stats``): ``monai.data.ultrasound_confidence_map``;
+- ``pandas`` (and ``pyarrow``): ``monai.utils.profiling`` and MONAI's CSV datasets;
+- ``matplotlib``: ``monai.utils.jupyter_utils`` and ``monai.visualize``;
+- ``sklearn``: ``monai.metrics.embedding_collapse``.
+
+Hiding the last four takes ``import monai`` from about 1.75 s to 0.65 s after torch
+(``benchmarks/startup.py``). brats_psp uses none of those MONAI parts: its transforms need
+``scipy.ndimage``, which stays, and its own plots, tables and tracking import the real packages
+when they need them. While MONAI loads, each of these packages that is not imported yet is
+hidden (a ``None`` entry in ``sys.modules`` makes its import raise ImportError, which MONAI's
+``optional_import`` turns into a placeholder that raises only when used); the entries are
+removed afterwards, so later imports get the real packages.
 """
 
 from __future__ import annotations
 
 import sys
 
-if "monai" not in sys.modules and "mlflow" not in sys.modules:
-    sys.modules["mlflow"] = None  # type: ignore[assignment]
+#: Packages MONAI imports while it loads that brats_psp never uses through MONAI.
+HIDDEN_WHILE_MONAI_LOADS = ("mlflow", "scipy.signal", "pandas", "matplotlib", "sklearn")
+
+if "monai" not in sys.modules:
+    _hidden = [name for name in HIDDEN_WHILE_MONAI_LOADS if name not in sys.modules]
+    for _name in _hidden:
+        sys.modules[_name] = None  # type: ignore[assignment]
     try:
         import monai  # noqa: F401
     finally:
-        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
+        for _name in _hidden:
+            if _name in sys.modules and sys.modules[_name] is None:
+                del sys.modules[_name]
