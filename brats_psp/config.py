@@ -201,7 +201,7 @@ class InferConfig:
     planes: list[str] = field(default_factory=lambda: ["axial"])
     threshold: float = 0.5
     region_thresholds: list[float] | None = None  # WT, TC, ET; set by train.calibrate_threshold; null: threshold for all
-    hysteresis: float = 0.5  # a region also keeps the voxels above hysteresis x its threshold connected to it (inference.hysteresis_masks); 0 = off
+    hysteresis: float | list[float] = 0.5  # a region also keeps the voxels above hysteresis x its threshold connected to it (inference.hysteresis_masks); 0 = off; or 3 values, WT, TC, ET
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
@@ -216,9 +216,20 @@ class InferConfig:
         return tuple(self.region_thresholds) if self.region_thresholds else (self.threshold,) * 3
 
     @property
+    def hysteresis_factors(self) -> tuple[float, ...]:
+        """``hysteresis`` per region (WT, TC, ET): one value for all, or the three given."""
+        h = self.hysteresis
+        return tuple(float(f) for f in h) if isinstance(h, (list, tuple)) else (float(h),) * 3
+
+    @property
     def low_thresholds(self) -> tuple[float, ...] | None:
-        """Hysteresis thresholding's low thresholds per region (``hysteresis`` x each threshold); None when off."""
-        return tuple(round(self.hysteresis * t, 6) for t in self.thresholds) if self.hysteresis > 0 else None
+        """Hysteresis thresholding's low thresholds per region (its ``hysteresis`` factor x its
+        threshold; a region whose factor is 0 keeps its threshold, i.e. does not grow); None
+        when every factor is 0."""
+        factors = self.hysteresis_factors
+        if not any(f > 0 for f in factors):
+            return None
+        return tuple(round(f * t, 6) if f > 0 else t for f, t in zip(factors, self.thresholds))
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "infer.batch_size", self.batch_size, ">= 1")
@@ -229,7 +240,11 @@ class InferConfig:
         _check(rt is None or (len(rt) == 3 and all(0.0 < t < 1.0 for t in rt)), "infer.region_thresholds", rt, "null or 3 values in (0, 1): WT, TC, ET")
         _check(set(self.planes) <= {"axial", "coronal", "sagittal"} and len(self.planes) > 0, "infer.planes", self.planes, "a subset of axial, coronal, sagittal")
         _check(len(self.scales) > 0 and all(0.25 <= float(f) <= 4.0 for f in self.scales), "infer.scales", self.scales, "one or more zoom factors in [0.25, 4]")
-        _check(0.0 <= self.hysteresis < 1.0, "infer.hysteresis", self.hysteresis, "in [0, 1): the low threshold as a fraction of each region's")
+        h = self.hysteresis
+        _check(
+            (len(h) == 3 if isinstance(h, (list, tuple)) else True) and all(0.0 <= f < 1.0 for f in self.hysteresis_factors),
+            "infer.hysteresis", h, "in [0, 1) (the low threshold as a fraction of each region's), or 3 such values: WT, TC, ET",
+        )
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")
         _check(0.0 <= self.min_component_fraction < 1.0, "infer.min_component_fraction", self.min_component_fraction, "in [0, 1)")

@@ -449,8 +449,14 @@ def test_hysteresis_grows_confident_regions_over_their_uncertain_edge() -> None:
     assert (tissue[2, 2, 2] == Tissue.ET) and (tissue[1:5] == Tissue.NCR).sum() == 27 and not tissue[7:].any()
     cfg = load_config(None, ["infer.region_thresholds=[0.4,0.2,0.3]", "infer.hysteresis=0.5"]).infer
     assert cfg.low_thresholds == (0.2, 0.1, 0.15) and load_config(None, ["infer.hysteresis=0"]).infer.low_thresholds is None
-    with pytest.raises(ConfigError, match="infer.hysteresis"):
-        load_config(None, ["infer.hysteresis=1.5"])
+    # one factor per region (WT, TC, ET); a region whose factor is 0 keeps its threshold
+    per = load_config(None, ["infer.region_thresholds=[0.4,0.2,0.3]", "infer.hysteresis=[0,0.5,0.25]"]).infer
+    assert per.low_thresholds == (0.4, 0.1, 0.075) and load_config(None, ["infer.hysteresis=[0,0,0]"]).infer.low_thresholds is None
+    grown = probabilities_to_tissue(probs, 0.5, load_config(None, ["infer.hysteresis=[0,0.5,0.5]"]).infer.low_thresholds)
+    assert (grown > 0).sum() == 28 and (grown == Tissue.ED).sum() == 0  # TC grows over the blob; WT with it (nesting)
+    for bad in ("1.5", "[0.5,0.5]", "[0,0.5,1.0]"):
+        with pytest.raises(ConfigError, match="infer.hysteresis"):
+            load_config(None, [f"infer.hysteresis={bad}"])
 
 
 def _smoke_checkpoint(path: Path, seed: int, overrides: list[str]) -> Path:
