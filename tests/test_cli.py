@@ -31,9 +31,10 @@ def test_help_answers_without_importing_torch_monai_or_mlflow(args: list[str]) -
 
 def test_infer_from_a_checkpoint_file_never_imports_mlflow_or_what_monai_probes(tmp_path) -> None:
     """MONAI's `import monai` would pull mlflow in through monai.handlers, and scipy.signal,
-    pandas, matplotlib and sklearn through subpackages brats_psp never uses (brats_psp._monai
-    hides them while MONAI loads); a checkpoint file needs none of them, so `infer` never loads
-    them. The stages that track and plot still get the real packages afterwards, in the same
+    pandas, matplotlib, sklearn and more through subpackages brats_psp never uses
+    (brats_psp._monai hides them while MONAI loads); a checkpoint file needs none of them, so
+    `infer` never loads them (here without ``rim_hull``, whose convex hulls need scipy.spatial:
+    an untrained model's output has enhancing specks to hull). The stages that track and plot still get the real packages afterwards, in the same
     process."""
     from tests.conftest import untrained_checkpoint, write_case
 
@@ -41,13 +42,14 @@ def test_infer_from_a_checkpoint_file_never_imports_mlflow_or_what_monai_probes(
     write_case(tmp_path / "cases", "brats2021", "BraTS2021_00000")
     code = (
         "import runpy, sys\n"
-        f"sys.argv = ['run.py', 'infer', '--model', {str(ckpt)!r}, '--input', {str(tmp_path / 'cases')!r}, '--output', {str(tmp_path / 'out')!r}]\n"
+        f"sys.argv = ['run.py', 'infer', '--model', {str(ckpt)!r}, '--input', {str(tmp_path / 'cases')!r}, '--output', {str(tmp_path / 'out')!r}, 'infer.rim_hull=false']\n"
         f"try:\n    runpy.run_path({str(REPO / 'pipelines' / 'run.py')!r}, run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('monai' in sys.modules, [m for m in ('mlflow', 'scipy.signal', 'pandas', 'matplotlib', 'sklearn') if m in sys.modules])\n"
-        "import mlflow.tracking, pandas, matplotlib.pyplot, scipy.signal\n"
-        "print(mlflow.tracking.MlflowClient.__name__, pandas.DataFrame.__name__, callable(matplotlib.pyplot.figure), callable(scipy.signal.hilbert))\n"
+        "from brats_psp._monai import HIDDEN_WHILE_MONAI_LOADS as hidden\n"
+        "print('monai' in sys.modules, [m for m in hidden if m in sys.modules], len(hidden))\n"
+        "import mlflow.tracking, pandas, matplotlib.pyplot, scipy.signal, scipy.spatial\n"
+        "print(mlflow.tracking.MlflowClient.__name__, pandas.DataFrame.__name__, callable(matplotlib.pyplot.figure), callable(scipy.signal.hilbert), scipy.spatial.ConvexHull.__name__)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == ["True []", "MlflowClient DataFrame True True"], proc.stdout
+    assert proc.stdout.splitlines() == ["True [] 9", "MlflowClient DataFrame True True ConvexHull"], proc.stdout
     assert (tmp_path / "out" / "BraTS2021_00000.nii.gz").is_file()
