@@ -202,6 +202,7 @@ class InferConfig:
     threshold: float = 0.5
     region_thresholds: list[float] | None = None  # WT, TC, ET; set by train.calibrate_threshold; null: threshold for all
     hysteresis: float | list[float] = 0.5  # a region also keeps the voxels above hysteresis x its threshold connected to it (inference.hysteresis_masks); 0 = off; or 3 values, WT, TC, ET
+    class_gate: float = 0.0  # > 0: a region is removed from every slice whose class-head probability for it is below this (inference.RegionProbabilities); 0 = off
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
@@ -245,6 +246,7 @@ class InferConfig:
             (len(h) == 3 if isinstance(h, (list, tuple)) else True) and all(0.0 <= f < 1.0 for f in self.hysteresis_factors),
             "infer.hysteresis", h, "in [0, 1) (the low threshold as a fraction of each region's), or 3 such values: WT, TC, ET",
         )
+        _check(0.0 <= self.class_gate < 1.0, "infer.class_gate", self.class_gate, "in [0, 1): 0 = off")
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")
         _check(0.0 <= self.min_component_fraction < 1.0, "infer.min_component_fraction", self.min_component_fraction, "in [0, 1)")

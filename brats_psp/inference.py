@@ -39,16 +39,27 @@ log = logging.getLogger(__name__)
 
 
 class RegionProbabilities(nn.Module):
-    """Wrap a network so it returns only region probabilities (B × 3 × H × W), for inferers and MLflow."""
+    """Wrap a network so it returns only region probabilities (B × 3 × H × W), for inferers and MLflow.
 
-    def __init__(self, net: nn.Module, output: str) -> None:
+    ``class_gate`` > 0 (``infer.class_gate``): a region's probabilities are set to zero in every
+    slice (window) where the network's tumour-class head gives that region a probability below
+    it: the head sees the whole slice and says which regions it contains.
+    """
+
+    def __init__(self, net: nn.Module, output: str, class_gate: float = 0.0) -> None:
         super().__init__()
         self.net = net
         self.output = output
+        self.class_gate = float(class_gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)  # the layout oneDNN and cuDNN convolve fastest
-        return region_probabilities(self.net(x).masks.float(), self.output)
+        out = self.net(x)
+        probs = region_probabilities(out.masks.float(), self.output)
+        if self.class_gate > 0:
+            present = torch.sigmoid(out.class_logits.float()) >= self.class_gate  # B × 3
+            probs = probs * present[:, :, None, None].to(probs.dtype)
+        return probs
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -90,7 +101,8 @@ def predict_volume(
     Args:
         model: a network returning :class:`~brats_psp.networks.PSPNetOutput` (in eval mode).
         image: float C × X × Y × Z (C = 4 contrasts), z-scored, RAS, axial slices along Z.
-        cfg: window size, overlap, blending, batch size, flip TTA and planes. When a batch runs
+        cfg: window size, overlap, blending, batch size, flip TTA, planes and the class-head gate
+            (``class_gate``, :class:`RegionProbabilities`). When a batch runs
             out of memory, the batch is halved and retried (down to one slice), with a warning.
         runtime: device and autocast dtype.
         output: the network's output mode.
@@ -99,7 +111,7 @@ def predict_volume(
     Returns:
         float32 3 × X × Y × Z probabilities of WT, TC, ET (on CPU).
     """
-    wrapper = RegionProbabilities(model.to(memory_format=torch.channels_last), output).eval()
+    wrapper = RegionProbabilities(model.to(memory_format=torch.channels_last), output, cfg.class_gate).eval()
     total, count = None, 0
     batch_size = cfg.batch_size
     with torch.inference_mode(), autocast(runtime):

@@ -459,6 +459,38 @@ def test_hysteresis_grows_confident_regions_over_their_uncertain_edge() -> None:
             load_config(None, [f"infer.hysteresis={bad}"])
 
 
+def test_class_gate_removes_a_region_from_the_slices_its_class_head_calls_empty() -> None:
+    from brats_psp.inference import RegionProbabilities, predict_volume
+    from brats_psp.networks.pspnet import PSPNetOutput
+    from brats_psp.runtime import setup_runtime
+
+    class Fixed(torch.nn.Module):
+        """Every pixel logit 2 (p = 0.88); class logits per slice from its first channel's mean:
+        WT present everywhere, TC where that mean is > 0, ET nowhere (p = 0.27)."""
+
+        def forward(self, x: torch.Tensor) -> PSPNetOutput:
+            b, _, h, w = x.shape
+            masks = torch.full((b, 3, h, w), 2.0)
+            tc = torch.where(x[:, 0].mean((1, 2)) > 0, 3.0, -3.0)
+            return PSPNetOutput(masks, torch.stack([torch.full((b,), 3.0), tc, torch.full((b,), -1.0)], 1))
+
+    x = torch.zeros(4, 4, 8, 8)
+    x[:2, 0] = 1.0  # slices 0 and 1 contain "core"
+    off, gated = RegionProbabilities(Fixed(), "sigmoid"), RegionProbabilities(Fixed(), "sigmoid", class_gate=0.5)
+    np.testing.assert_allclose(off(x), torch.sigmoid(torch.tensor(2.0)).expand(4, 3, 8, 8))
+    p = gated(x)
+    assert (p[:, 0] > 0.8).all() and (p[:2, 1] > 0.8).all() and (p[2:, 1] == 0).all() and (p[:, 2] == 0).all()
+    assert (RegionProbabilities(Fixed(), "sigmoid", class_gate=0.2)(x)[:, 2] > 0.8).all()  # 0.27 passes a gate of 0.2
+    # through predict_volume: the axial slices of a volume, with TTA (the flips keep each slice's mean)
+    volume = torch.zeros(4, 8, 8, 5)
+    volume[0, ..., 1:3] = 1.0
+    cfg = load_config(None, ["infer.roi_size=[16,16]", "infer.class_gate=0.5"]).infer
+    probs = predict_volume(Fixed(), volume, cfg, setup_runtime("cpu", "fp32"))
+    assert (probs[1, ..., 1:3] > 0.8).all() and (probs[1, ..., [0, 3, 4]] == 0).all() and (probs[2] == 0).all()
+    with pytest.raises(ConfigError, match="infer.class_gate"):
+        load_config(None, ["infer.class_gate=1.0"])
+
+
 def _smoke_checkpoint(path: Path, seed: int, overrides: list[str]) -> Path:
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.spacing=[2.0,2.0,2.0]", "infer.roi_size=[32,32]", *overrides])
     torch.manual_seed(seed)
