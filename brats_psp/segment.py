@@ -123,8 +123,10 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     * ``fill_core``: tumour enclosed by the core becomes necrosis (:func:`fill_core`).
     * ``rim_hull``: edema inside an enhancing rim's convex hull becomes necrosis (:func:`fill_rim_hull`).
     """
-    if cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0:
-        labelled, n = ndimage.label(tissue > 0, structure=np.ones((3, 3, 3), bool))
+    box = foreground_box(tissue > 0)
+    if box is not None and (cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0):
+        sub = tissue[box]  # every component lies inside the tumour's box: labelled there, a fraction of the volume
+        labelled, n = ndimage.label(sub > 0, structure=np.ones((3, 3, 3), bool))
         if n:
             sizes = np.bincount(labelled.ravel())
             sizes[0] = 0
@@ -132,7 +134,7 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
             small = np.flatnonzero(sizes < limit)
             small = small[small > 0]
             if len(small):
-                tissue[np.isin(labelled, small)] = Tissue.BACKGROUND
+                sub[np.isin(labelled, small)] = Tissue.BACKGROUND
     if cfg.small_et_voxels > 0:
         et = tissue == Tissue.ET
         if 0 < int(et.sum()) < cfg.small_et_voxels:
@@ -142,6 +144,17 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     if cfg.rim_hull:
         fill_rim_hull(tissue)
     return tissue
+
+
+def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (a slice per axis) holding every True voxel of ``mask``; None when there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(hits):
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def fill_core(tissue: np.ndarray) -> np.ndarray:
@@ -154,10 +167,10 @@ def fill_core(tissue: np.ndarray) -> np.ndarray:
     and the core itself are left as they are.
     """
     core = (tissue == Tissue.NCR) | (tissue == Tissue.ET)
-    box = ndimage.find_objects(core.astype(np.uint8))
-    if not box:
+    box = foreground_box(core)
+    if box is None:
         return tissue
-    box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box[0])
+    box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box)
     core, sub = core[box], tissue[box]
     enclosed = np.zeros_like(core)
     square = np.ones((3, 3), bool)
@@ -186,10 +199,10 @@ def fill_rim_hull(tissue: np.ndarray, min_pixels: int = RIM_HULL_MIN_PIXELS) -> 
     prediction calls edema become NCR. Background, NCR and ET are left as they are.
     """
     et = tissue == Tissue.ET
-    box = ndimage.find_objects(et.astype(np.uint8))
-    if not box:
+    box = foreground_box(et)
+    if box is None:
         return tissue
-    et, sub = et[box[0]], tissue[box[0]]
+    et, sub = et[box], tissue[box]
     hull = np.zeros_like(et)
     eight = np.ones((3, 3), bool)
     for axis in range(et.ndim):

@@ -307,6 +307,31 @@ def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
     assert (out[20:26, 20:26, 20:26] == 0).all() and (out[2:12, 2:12, 2:12] == t[2:12, 2:12, 2:12]).all()
 
 
+def test_postprocess_removes_the_components_a_whole_volume_labelling_removes() -> None:
+    """Components are labelled inside the tumour's box only: the same voxels go as labelling the
+    whole volume removes, on random multifocal maps that touch the volume's faces."""
+    from scipy import ndimage
+
+    from brats_psp.segment import foreground_box
+
+    rng = np.random.default_rng(0)
+    cfg = load_config(None, ["infer.min_component_fraction=0.2", "infer.min_component_voxels=5", "infer.small_et_voxels=0",
+                             "infer.fill_core=false", "infer.rim_hull=false"]).infer
+    for _ in range(5):
+        t = (ndimage.gaussian_filter(rng.random((40, 36, 30)), 1.5) > 0.56).astype(np.uint8) * rng.integers(1, 4, (40, 36, 30)).astype(np.uint8)
+        labelled, _ = ndimage.label(t > 0, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(labelled.ravel())
+        sizes[0] = 0
+        small = np.flatnonzero(sizes < max(5, 0.2 * sizes.max()))
+        expected = np.where(np.isin(labelled, small[small > 0]), 0, t)
+        assert (expected != t).any() and (expected > 0).any()
+        np.testing.assert_array_equal(postprocess(t.copy(), cfg), expected)
+    assert foreground_box(np.zeros((4, 4, 4), bool)) is None
+    m = np.zeros((5, 6, 7), bool)
+    m[1, 2, 3] = m[3, 4, 3] = True
+    assert foreground_box(m) == (slice(1, 4), slice(2, 5), slice(3, 4))
+
+
 def _ring_case() -> np.ndarray:
     """Edema around a ring of enhancing tumour (a tube along z) whose inside looks like edema."""
     t = np.zeros((30, 30, 12), np.uint8)
