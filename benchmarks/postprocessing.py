@@ -45,7 +45,7 @@ log = logging.getLogger("postprocessing")
 
 #: ``infer`` keys that act after the network's probabilities (the ones a variant may change).
 AFTER_NETWORK = frozenset({
-    "threshold", "region_thresholds", "hysteresis", "small_et_voxels", "min_component_voxels", "min_component_fraction",
+    "threshold", "region_thresholds", "hysteresis", "small_et_voxels", "min_component_voxels", "min_component_fraction", "core_component_fraction",
     "fill_core", "rim_hull",
 })
 

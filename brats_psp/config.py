@@ -206,6 +206,7 @@ class InferConfig:
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
+    core_component_fraction: float = 0.0  # core (TC) components smaller than this fraction of the largest core component become edema; 0 disables
     fill_core: bool = True  # tumour that the core (NCR + ET) encloses in a slice becomes NCR (segment.fill_core)
     rim_hull: bool = True  # edema inside the convex hull of an enhancing component in a slice becomes NCR (segment.fill_rim_hull)
     labels: Literal["input", "brats2021", "brats2023", "brats2023-ped", "msd"] = "input"
@@ -250,6 +251,7 @@ class InferConfig:
         _check(self.small_et_voxels >= 0, "infer.small_et_voxels", self.small_et_voxels, ">= 0")
         _check(self.min_component_voxels >= 0, "infer.min_component_voxels", self.min_component_voxels, ">= 0")
         _check(0.0 <= self.min_component_fraction < 1.0, "infer.min_component_fraction", self.min_component_fraction, "in [0, 1)")
+        _check(0.0 <= self.core_component_fraction < 1.0, "infer.core_component_fraction", self.core_component_fraction, "in [0, 1)")
 
 
 @dataclass

@@ -118,6 +118,8 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     * ``min_component_voxels``: tumour components (WT, 26-connected) smaller than this are removed.
     * ``min_component_fraction``: tumour components smaller than this fraction of the largest one
       are removed (stray false positives far from the lesion; a multifocal tumour's large foci stay).
+    * ``core_component_fraction``: core components (NCR + ET, 26-connected) smaller than this
+      fraction of the largest one become edema (a stray core or enhancing spot in the edema).
     * ``small_et_voxels``: when the whole prediction has fewer ET voxels than this, they become NCR
       (the rule that wins points on cases without enhancing tumour).
     * ``fill_core``: tumour enclosed by the core becomes necrosis (:func:`fill_core`).
@@ -135,6 +137,17 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
             small = small[small > 0]
             if len(small):
                 sub[np.isin(labelled, small)] = Tissue.BACKGROUND
+    if box is not None and cfg.core_component_fraction > 0:
+        sub = tissue[box]
+        core = (sub == Tissue.NCR) | (sub == Tissue.ET)
+        labelled, n = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(labelled.ravel())
+            sizes[0] = 0
+            small = np.flatnonzero(sizes < cfg.core_component_fraction * int(sizes.max()))
+            small = small[small > 0]
+            if len(small):
+                sub[np.isin(labelled, small)] = Tissue.ED
     if cfg.small_et_voxels > 0:
         et = tissue == Tissue.ET
         if 0 < int(et.sum()) < cfg.small_et_voxels:

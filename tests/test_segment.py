@@ -307,6 +307,23 @@ def test_postprocess_min_component_fraction_keeps_large_foci() -> None:
     assert (out[20:26, 20:26, 20:26] == 0).all() and (out[2:12, 2:12, 2:12] == t[2:12, 2:12, 2:12]).all()
 
 
+def test_postprocess_core_component_fraction_turns_stray_cores_into_edema() -> None:
+    t = np.zeros((30, 30, 30), np.uint8)
+    t[2:20, 2:20, 2:20] = Tissue.ED
+    t[5:10, 5:10, 5:10] = Tissue.NCR  # the core, 125 voxels, with its enhancing wall
+    t[5:10, 5:10, 5] = Tissue.ET
+    t[15:17, 15:17, 15:17] = Tissue.ET  # a stray enhancing spot in the edema: 8 voxels (6.4 %)
+    t[2:4, 16:19, 3:5] = Tissue.NCR  # a stray core at the edema's edge: 12 voxels (9.6 %)
+    base = ["infer.small_et_voxels=0", "infer.fill_core=false", "infer.rim_hull=false"]
+    np.testing.assert_array_equal(postprocess(t.copy(), load_config(None, base).infer), t)  # off by default
+    out = postprocess(t.copy(), load_config(None, [*base, "infer.core_component_fraction=0.08"]).infer)
+    assert (out[15:17, 15:17, 15:17] == Tissue.ED).all() and (out[2:4, 16:19, 3:5] == Tissue.NCR).all()
+    out = postprocess(t.copy(), load_config(None, [*base, "infer.core_component_fraction=0.2"]).infer)
+    assert (out[15:17, 15:17, 15:17] == Tissue.ED).all() and (out[2:4, 16:19, 3:5] == Tissue.ED).all()
+    np.testing.assert_array_equal(out[5:10, 5:10, 5:10], t[5:10, 5:10, 5:10])  # the main core stays whole
+    assert ((out > 0) == (t > 0)).all()  # the whole tumour is unchanged
+
+
 def test_postprocess_removes_the_components_a_whole_volume_labelling_removes() -> None:
     """Components are labelled inside the tumour's box only: the same voxels go as labelling the
     whole volume removes, on random multifocal maps that touch the volume's faces."""
