@@ -234,19 +234,45 @@ def _convex_hull(mask: np.ndarray) -> np.ndarray:
     """The pixels of a 2D mask's convex hull (pixel centres inside or on it); the mask itself
     where its pixels are collinear.
 
-    The hull's facets as half-planes (Qhull), tested on every pixel of the mask's box at once:
-    a few milliseconds even for a component that fills a slice.
+    The hull of the component's edge pixels by Andrew's monotone chain (a few hundred points
+    at most), then every pixel of the mask's box tested against its edges at once: the same
+    pixels as Qhull's facets (tested against ``scipy.spatial.ConvexHull``), without loading
+    scipy.spatial on the inference path.
     """
-    from scipy.spatial import ConvexHull, QhullError
-
     edge = mask & ~ndimage.binary_erosion(mask)  # the hull of a component is that of its edge pixels
-    try:
-        hull = ConvexHull(np.argwhere(edge))
-    except QhullError:
+    vertices = _monotone_chain(np.argwhere(edge))
+    if len(vertices) < 3:
         return mask
     grid = np.indices(mask.shape).reshape(2, -1).T.astype(np.float64)
-    inside = (grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9).all(axis=1)
+    a, b = vertices, np.roll(vertices, -1, axis=0)  # counter-clockwise edges a -> b
+    d = b - a
+    # left of (or on) every edge: cross(b - a, p - a) >= 0
+    cross = d[:, 0][None, :] * (grid[:, 1][:, None] - a[:, 1][None, :]) - d[:, 1][None, :] * (grid[:, 0][:, None] - a[:, 0][None, :])
+    inside = (cross >= -1e-9).all(axis=1)
     return mask | inside.reshape(mask.shape)
+
+
+def _monotone_chain(points: np.ndarray) -> np.ndarray:
+    """Vertices of the convex hull of 2D integer points, counter-clockwise, without collinear
+    points (float64, V x 2); fewer than 3 when the points are collinear."""
+    pts = sorted({(int(p[0]), int(p[1])) for p in points})
+    if len(pts) < 3:
+        return np.asarray(pts, np.float64).reshape(-1, 2)
+
+    def cross(o: tuple[int, int], a: tuple[int, int], b: tuple[int, int]) -> int:
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower: list[tuple[int, int]] = []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    upper: list[tuple[int, int]] = []
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return np.asarray(lower[:-1] + upper[:-1], np.float64)
 
 
 def probabilities_on_input_grid(probs: torch.Tensor, image: MetaTensor, chain: Any) -> np.ndarray:

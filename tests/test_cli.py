@@ -33,8 +33,7 @@ def test_infer_from_a_checkpoint_file_never_imports_mlflow_or_what_monai_probes(
     """MONAI's `import monai` would pull mlflow in through monai.handlers, and scipy.signal,
     pandas, matplotlib, sklearn and more through subpackages brats_psp never uses
     (brats_psp._monai hides them while MONAI loads); a checkpoint file needs none of them, so
-    `infer` never loads them (here without ``rim_hull``, whose convex hulls need scipy.spatial:
-    an untrained model's output has enhancing specks to hull). The stages that track and plot still get the real packages afterwards, in the same
+    `infer` never loads them (the rim hull's convex hulls are its own, not scipy.spatial's). The stages that track and plot still get the real packages afterwards, in the same
     process."""
     from tests.conftest import untrained_checkpoint, write_case
 
@@ -42,7 +41,7 @@ def test_infer_from_a_checkpoint_file_never_imports_mlflow_or_what_monai_probes(
     write_case(tmp_path / "cases", "brats2021", "BraTS2021_00000")
     code = (
         "import runpy, sys\n"
-        f"sys.argv = ['run.py', 'infer', '--model', {str(ckpt)!r}, '--input', {str(tmp_path / 'cases')!r}, '--output', {str(tmp_path / 'out')!r}, 'infer.rim_hull=false']\n"
+        f"sys.argv = ['run.py', 'infer', '--model', {str(ckpt)!r}, '--input', {str(tmp_path / 'cases')!r}, '--output', {str(tmp_path / 'out')!r}]\n"
         f"try:\n    runpy.run_path({str(REPO / 'pipelines' / 'run.py')!r}, run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "from brats_psp._monai import HIDDEN_WHILE_MONAI_LOADS as hidden\n"
         "print('monai' in sys.modules, [m for m in hidden if m in sys.modules], len(hidden))\n"

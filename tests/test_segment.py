@@ -349,6 +349,37 @@ def test_postprocess_removes_the_components_a_whole_volume_labelling_removes() -
     assert foreground_box(m) == (slice(1, 4), slice(2, 5), slice(3, 4))
 
 
+def test_convex_hull_fills_the_pixels_qhull_finds() -> None:
+    """segment._convex_hull (monotone chain) against scipy.spatial.ConvexHull's facets, on random
+    blobs, thin lines and single pixels."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    from brats_psp.segment import _convex_hull
+
+    def qhull(mask: np.ndarray) -> np.ndarray:
+        try:
+            hull = ConvexHull(np.argwhere(mask))
+        except QhullError:  # collinear: the mask itself
+            return mask
+        grid = np.indices(mask.shape).reshape(2, -1).T.astype(np.float64)
+        return mask | (grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9).all(axis=1).reshape(mask.shape)
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        shape = tuple(int(n) for n in rng.integers(1, 40, 2))
+        mask = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.4, 0.6)
+        if i % 10 == 0:
+            mask = np.zeros(shape, bool)
+            mask[rng.integers(shape[0]), : rng.integers(1, shape[1] + 1)] = True
+        if not mask.any():  # fill_rim_hull hulls components: never empty
+            continue
+        np.testing.assert_array_equal(_convex_hull(mask), qhull(mask), err_msg=f"mask {i}")
+    ring = np.zeros((9, 9), bool)
+    ring[1, 2:7] = ring[7, 2:7] = ring[2:7, 1] = True  # an open ring: the hull closes it
+    assert _convex_hull(ring)[4, 4] and not _convex_hull(ring)[0, 0]
+
+
 def _ring_case() -> np.ndarray:
     """Edema around a ring of enhancing tumour (a tube along z) whose inside looks like edema."""
     t = np.zeros((30, 30, 12), np.uint8)
