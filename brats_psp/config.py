@@ -206,7 +206,7 @@ class InferConfig:
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
     min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
-    core_component_fraction: float = 0.0  # core (TC) components smaller than this fraction of the largest core component become edema; 0 disables
+    core_component_fraction: float = 0.1  # core (TC) components smaller than this fraction of the largest core component become edema; 0 disables
     fill_core: bool = True  # tumour that the core (NCR + ET) encloses in a slice becomes NCR (segment.fill_core)
     rim_hull: bool = True  # edema inside the convex hull of an enhancing component in a slice becomes NCR (segment.fill_rim_hull)
     labels: Literal["input", "brats2021", "brats2023", "brats2023-ped", "msd"] = "input"

@@ -315,13 +315,16 @@ def test_postprocess_core_component_fraction_turns_stray_cores_into_edema() -> N
     t[15:17, 15:17, 15:17] = Tissue.ET  # a stray enhancing spot in the edema: 8 voxels (6.4 %)
     t[2:4, 16:19, 3:5] = Tissue.NCR  # a stray core at the edema's edge: 12 voxels (9.6 %)
     base = ["infer.small_et_voxels=0", "infer.fill_core=false", "infer.rim_hull=false"]
-    np.testing.assert_array_equal(postprocess(t.copy(), load_config(None, base).infer), t)  # off by default
+    np.testing.assert_array_equal(postprocess(t.copy(), load_config(None, [*base, "infer.core_component_fraction=0"]).infer), t)  # 0: off
     out = postprocess(t.copy(), load_config(None, [*base, "infer.core_component_fraction=0.08"]).infer)
     assert (out[15:17, 15:17, 15:17] == Tissue.ED).all() and (out[2:4, 16:19, 3:5] == Tissue.NCR).all()
     out = postprocess(t.copy(), load_config(None, [*base, "infer.core_component_fraction=0.2"]).infer)
     assert (out[15:17, 15:17, 15:17] == Tissue.ED).all() and (out[2:4, 16:19, 3:5] == Tissue.ED).all()
     np.testing.assert_array_equal(out[5:10, 5:10, 5:10], t[5:10, 5:10, 5:10])  # the main core stays whole
     assert ((out > 0) == (t > 0)).all()  # the whole tumour is unchanged
+    default = postprocess(t.copy(), load_config(None, base).infer)  # the default, 0.1: the enhancing spot goes, the 9.6 % core too
+    assert load_config(None, []).infer.core_component_fraction == 0.1 and (default[15:17, 15:17, 15:17] == Tissue.ED).all()
+    assert (default[2:4, 16:19, 3:5] == Tissue.ED).all()
 
 
 def test_postprocess_removes_the_components_a_whole_volume_labelling_removes() -> None:
@@ -333,7 +336,7 @@ def test_postprocess_removes_the_components_a_whole_volume_labelling_removes() -
 
     rng = np.random.default_rng(0)
     cfg = load_config(None, ["infer.min_component_fraction=0.2", "infer.min_component_voxels=5", "infer.small_et_voxels=0",
-                             "infer.fill_core=false", "infer.rim_hull=false"]).infer
+                             "infer.core_component_fraction=0", "infer.fill_core=false", "infer.rim_hull=false"]).infer
     for _ in range(5):
         t = (ndimage.gaussian_filter(rng.random((40, 36, 30)), 1.5) > 0.56).astype(np.uint8) * rng.integers(1, 4, (40, 36, 30)).astype(np.uint8)
         labelled, _ = ndimage.label(t > 0, structure=np.ones((3, 3, 3), bool))
@@ -592,7 +595,7 @@ def test_an_ensemble_thresholds_the_mean_of_its_models_probabilities(tmp_path: P
     info = json.loads((tmp_path / "ab" / "inference.json").read_text())
     assert info["checkpoint"] == [str(a), str(b)] and info["run_id"] is None
     # the CLI: --model repeated; the labels are the mean's, thresholded at the mean thresholds
-    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false", "infer.rim_hull=false", "infer.hysteresis=0") == 0
+    assert run_cli("infer", "--model", str(a), "--model", str(b), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "cli"), "infer.tta=false", "infer.fill_core=false", "infer.rim_hull=false", "infer.hysteresis=0", "infer.core_component_fraction=0") == 0
     labels = np.asarray(nib.load(str(tmp_path / "cli" / "BraTS2021_00000.nii.gz")).dataobj)
     expected = np.zeros(labels.shape, np.uint8)
     wt, tc, et = (probs["ab"][..., k] > 0.4 for k in range(3))
