@@ -10,12 +10,12 @@ Each model segments every case once (its own ``infer`` settings: TTA, scales, pl
 read, preprocessed and its reference loaded once for all the models); the region
 probabilities, back on the case's grid, are kept in memory while every ``--variant`` (a name and
 ``infer`` overrides that act after the network: ``region_thresholds``, ``hysteresis``,
-``small_et_voxels``, ``min_component_fraction``, ``fill_core``, ``rim_hull``...) turns them into
+``small_et_voxels``, ``min_component_fraction``, ``core_component_fraction``, ``fill_core``, ``rim_hull``...) turns them into
 labels as ``infer`` would (:func:`~brats_psp.inference.probabilities_to_tissue` and
 :func:`~brats_psp.segment.postprocess`), scored against the case's reference (a real folder's
 ``references/``, a synthetic case's own label). Variants differ only in these steps, so their
 differences are not blurred by the seed of the network. Overrides that change the network's
-pass (``infer.tta``, ``infer.scales``...) are refused: use ``trials.py score`` for those.
+pass (``infer.tta``, ``infer.scales``, ``infer.class_gate``...) are refused: use ``trials.py score`` for those.
 
 Writes ``OUT/postprocessing.json`` (Dice per model, variant and case) and
 ``OUT/postprocessing.md``: per variant, mean Dice WT / TC / ET over the models, per real case and
