@@ -265,6 +265,70 @@ def calibrate_best_checkpoint(run: TrainingRun, progress: bool = False) -> None:
     run.tracker.log_metrics(metrics, step=cfg.train.epochs - 1)
 
 
+#: Overrides :func:`recalibrate` accepts: how ``infer`` labels (``infer.*``), where the data lives
+#: and where the network runs; the rest is the model's own (its preprocessing, its split).
+RECALIBRATE_KEYS = ("infer.", "data.root", "data.layout", "data.cache_dir", "train.device", "train.threads", "train.precision")
+
+
+@dataclass
+class Calibration:
+    """What :func:`recalibrate` did."""
+
+    checkpoint: Path  # the checkpoint written
+    thresholds: list[float]  # WT, TC, ET
+    dice: dict[str, float]  # the validation Dice at each threshold
+    previous: list[float] | None  # the thresholds the model carried before
+    val_cases: int
+
+
+def recalibrate(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    data: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    tracking_uri: str | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Calibrate a trained model's thresholds again, on the validation cases of its own split, as
+    ``train`` does after its last epoch (:func:`calibrate_thresholds`).
+
+    For a model trained before a change to the calibration or to ``infer`` (``infer.*``
+    overrides: a class gate, say), whose stored thresholds no longer fit. The validation cases
+    are those of the model's config (``data.fold`` of the cache of ``data`` / ``data.root``, or
+    of the built-in synthetic set, generated and cached as ``train`` does when missing). The
+    checkpoint is written with the new ``infer.region_thresholds`` and the overrides in its
+    config, atomically, to ``output`` (default: over the checkpoint that was read).
+
+    Raises:
+        ConfigError: an override outside :data:`RECALIBRATE_KEYS`.
+        CheckpointError: ``model`` does not resolve to a checkpoint.
+    """
+    from brats_psp.config import ConfigError, apply_overrides
+
+    refused = [o for o in overrides if not o.startswith(RECALIBRATE_KEYS)]
+    if refused:
+        raise ConfigError(f"calibrate takes only {', '.join(RECALIBRATE_KEYS)} overrides (the rest is the model's), got {refused}")
+    path = resolve_checkpoint(model, "best", tracking_uri=tracking_uri)
+    state = load_checkpoint(path)
+    cfg = apply_overrides(config_of(state), list(overrides))
+    previous = cfg.infer.region_thresholds
+    runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    try:
+        split = prepare_data(cfg, data, runtime, progress)
+        network = build_model_from_checkpoint(state).to(runtime.device)
+        thresholds, val = calibrate_thresholds(network, split.val_dirs, cfg, runtime, progress=progress)
+    finally:
+        shutdown(runtime)
+    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, region_thresholds=thresholds))
+    state["config"] = config_to_dict(cfg)
+    out = save_checkpoint(output or path, state)
+    log.info(
+        "calibrated %s on %d validation case(s): %s (were %s); wrote %s",
+        path, len(split.val_dirs), ", ".join(f"{r} {t:.2f} (Dice {val[r]:.4f})" for r, t in zip(REGION_NAMES, thresholds)), previous, out,
+    )
+    return Calibration(out, thresholds, val, previous, len(split.val_dirs))
+
+
 # --------------------------------------------------------------------------- one epoch
 
 

@@ -93,6 +93,16 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+@stage("calibrate")
+def calibrate(args: argparse.Namespace) -> int:
+    from brats_psp.training import recalibrate
+
+    result = recalibrate(args.model, args.output, args.data, args.overrides, args.tracking_uri, progress=True)
+    print("thresholds: " + " ".join(f"{r}={t:.2f}" for r, t in zip(("WT", "TC", "ET"), result.thresholds)))
+    print(f"model: {result.checkpoint}")
+    return 0
+
+
 @stage("infer")
 def infer(args: argparse.Namespace) -> int:
     from brats_psp.config import apply_overrides
@@ -241,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train a PSPNet on BraTS slices, tracked in MLflow (default config: configs/default.yaml)")
     p.add_argument("--data", help="dataset folder or datalist (default: data.root, else the built-in synthetic set)")
     p.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT", help="continue a run from its last checkpoint")
+    p = add(
+        "calibrate", "calibrate a trained model's thresholds again on its validation cases (infer.*, data.root/cache_dir overrides)",
+        config=False, overrides=True,
+    )
+    p.add_argument("--model", required=True, help="checkpoint file, MLflow run ID, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    p.add_argument("--output", help="checkpoint to write (default: over the one read)")
+    p.add_argument("--data", help="the dataset the model was trained on (default: its data.root, else the built-in synthetic set)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for run IDs and model URIs (default: MLflow's)")
     p = add("infer", "segment NIfTI cases with a trained model; writes OUT/<case>.nii.gz in the input's geometry (infer.* overrides)", config=False, overrides=True)
     p.add_argument(
         "--model", required=True, action="append",

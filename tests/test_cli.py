@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-STAGES = ["demo-data", "preprocess", "train", "infer", "evaluate", "compare", "promote", "show-data", "show-prediction", "export", "sync-mlflow"]
+STAGES = ["demo-data", "preprocess", "train", "calibrate", "infer", "evaluate", "compare", "promote", "show-data", "show-prediction", "export", "sync-mlflow"]
 
 
 def _imported_modules(*args: str) -> tuple[str, set[str]]:

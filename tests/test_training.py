@@ -97,6 +97,36 @@ def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> No
     assert config_of(load_checkpoint(result.last_checkpoint)).infer.region_thresholds is None
 
 
+def test_calibrate_stage_recalibrates_a_trained_model(tiny_data: Path, tmp_path: Path) -> None:
+    """`calibrate` on a model trained without calibration: the thresholds calibrate_thresholds
+    picks on the model's own validation cases, with the infer overrides, stored in the
+    checkpoint written; other overrides are refused."""
+    from brats_psp.checkpoint import build_model_from_checkpoint
+    from brats_psp.training import calibrate_thresholds, recalibrate
+    from tests.conftest import run_cli
+
+    cfg = smoke_config(tmp_path, "train.calibrate_threshold=false", "tracking.enabled=false")
+    best = train(cfg, data=tiny_data, progress=False).best_checkpoint
+    assert config_of(load_checkpoint(best)).infer.region_thresholds is None
+    out = tmp_path / "recalibrated.pt"
+    result = recalibrate(best, out, tiny_data, ["infer.class_gate=0.3"])
+    state = load_checkpoint(out)
+    stored = config_of(state)
+    assert stored.infer.region_thresholds == result.thresholds and set(result.thresholds) <= set(CALIBRATION_GRID)
+    assert stored.infer.class_gate == 0.3 and result.previous is None and result.val_cases == 2
+    assert stored.model == cfg.model and stored.data.spacing == cfg.data.spacing  # the model's own settings travel unchanged
+    torch.testing.assert_close(state["model"], load_checkpoint(best)["model"])  # the weights too
+    runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    expected, _ = calibrate_thresholds(build_model_from_checkpoint(state), prepare_data(stored, tiny_data, runtime, False).val_dirs, stored, runtime)
+    assert expected == result.thresholds
+    # the command line: in place by default; an override of the model's own settings is refused
+    assert run_cli("calibrate", "--model", str(best), "--data", str(tiny_data)) == 0
+    assert config_of(load_checkpoint(best)).infer.region_thresholds is not None
+    before = best.read_bytes()
+    assert run_cli("calibrate", "--model", str(best), "--data", str(tiny_data), "model.width=8") == 2
+    assert best.read_bytes() == before
+
+
 def test_calibration_picks_the_threshold_of_the_best_validation_dice() -> None:
     from brats_psp.training import pick_thresholds
 
