@@ -42,7 +42,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from brats_psp import _monai  # noqa: F401, I001  (MONAI without mlflow: see there)
+from brats_psp import _monai  # noqa: F401, I001  (MONAI without the optional packages it probes: see there)
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, Spacingd, SpatialResample
 from monai.utils import TraceKeys
@@ -126,28 +126,12 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     * ``rim_hull``: edema inside an enhancing rim's convex hull becomes necrosis (:func:`fill_rim_hull`).
     """
     box = foreground_box(tissue > 0)
-    if box is not None and (cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0):
+    if box is not None:
         sub = tissue[box]  # every component lies inside the tumour's box: labelled there, a fraction of the volume
-        labelled, n = ndimage.label(sub > 0, structure=np.ones((3, 3, 3), bool))
-        if n:
-            sizes = np.bincount(labelled.ravel())
-            sizes[0] = 0
-            limit = max(cfg.min_component_voxels, cfg.min_component_fraction * int(sizes.max()))
-            small = np.flatnonzero(sizes < limit)
-            small = small[small > 0]
-            if len(small):
-                sub[np.isin(labelled, small)] = Tissue.BACKGROUND
-    if box is not None and cfg.core_component_fraction > 0:
-        sub = tissue[box]
-        core = (sub == Tissue.NCR) | (sub == Tissue.ET)
-        labelled, n = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
-        if n > 1:
-            sizes = np.bincount(labelled.ravel())
-            sizes[0] = 0
-            small = np.flatnonzero(sizes < cfg.core_component_fraction * int(sizes.max()))
-            small = small[small > 0]
-            if len(small):
-                sub[np.isin(labelled, small)] = Tissue.ED
+        if cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0:
+            sub[small_components(sub > 0, cfg.min_component_voxels, cfg.min_component_fraction)] = Tissue.BACKGROUND
+        if cfg.core_component_fraction > 0:
+            sub[small_components((sub == Tissue.NCR) | (sub == Tissue.ET), 0, cfg.core_component_fraction)] = Tissue.ED
     if cfg.small_et_voxels > 0:
         et = tissue == Tissue.ET
         if 0 < int(et.sum()) < cfg.small_et_voxels:
@@ -157,6 +141,18 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
     if cfg.rim_hull:
         fill_rim_hull(tissue)
     return tissue
+
+
+def small_components(mask: np.ndarray, min_voxels: int, fraction: float) -> np.ndarray:
+    """The voxels of ``mask``'s components (26-connected) smaller than ``min_voxels`` or than
+    ``fraction`` of its largest component."""
+    labelled, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    if not n:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    small = np.flatnonzero(sizes < max(min_voxels, fraction * int(sizes.max())))
+    return np.isin(labelled, small[small > 0])
 
 
 def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
