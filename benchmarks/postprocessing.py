@@ -112,11 +112,11 @@ def score_models(
                 spacing, percentiles = m.config.data.spacing, m.config.data.intensity_percentiles
                 key = (tuple(spacing), tuple(percentiles) if percentiles else None)
                 if key not in prepared:
-                    prepared[key] = prepare_case(case, spacing, percentiles)
-                    if isinstance(prepared[key], CaseError):
-                        raise prepared[key]
-                image = prepared[key].image
-                probs = probabilities_on_input_grid(predict_case(m, prepared[key], m.config.infer, runtime), image, volume_transforms(spacing, with_label=False))
+                    prepared[key] = (prepare_case(case, spacing, percentiles), volume_transforms(spacing, with_label=False))
+                    if isinstance(prepared[key][0], CaseError):
+                        raise prepared[key][0]
+                ready, chain = prepared[key]
+                probs = probabilities_on_input_grid(predict_case(m, ready, m.config.infer, runtime), ready.image, chain)
                 for name, cfg in cfgs[model].items():
                     tissue = postprocess(probabilities_to_tissue(probs, cfg.thresholds, cfg.low_thresholds), cfg)
                     pred = tissue_to_regions(_canonical(tissue, affine))

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from brats_psp import _monai  # noqa: F401, I001  (MONAI without mlflow: see there)
+from brats_psp import _monai  # noqa: F401, I001  (MONAI without the optional packages it probes: see there)
 from monai.inferers import SliceInferer
 from torch import nn
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from brats_psp.averaging import WeightEMA
 from brats_psp.checkpoint import build_model_from_checkpoint, config_of, load_checkpoint, resolve_checkpoint, save_checkpoint
-from brats_psp.config import Config, config_to_dict, save_config
+from brats_psp.config import Config, ConfigError, apply_overrides, config_to_dict, save_config
 from brats_psp.cpus import available_cores
 from brats_psp.data.builtin import ensure_training_cache, resolve_data_source
 from brats_psp.data.augment import BatchAugment, batch_seed
@@ -276,7 +276,7 @@ class Calibration:
 
     checkpoint: Path  # the checkpoint written
     thresholds: list[float]  # WT, TC, ET
-    dice: dict[str, float]  # the validation Dice at each threshold
+    dice: dict[str, float]  # each region's mean validation Dice at its threshold
     previous: list[float] | None  # the thresholds the model carried before
     val_cases: int
 
@@ -303,8 +303,6 @@ def recalibrate(
         ConfigError: an override outside :data:`RECALIBRATE_KEYS`.
         CheckpointError: ``model`` does not resolve to a checkpoint.
     """
-    from brats_psp.config import ConfigError, apply_overrides
-
     refused = [o for o in overrides if not o.startswith(RECALIBRATE_KEYS)]
     if refused:
         raise ConfigError(f"calibrate takes only {', '.join(RECALIBRATE_KEYS)} overrides (the rest is the model's), got {refused}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from brats_psp import _monai  # noqa: F401, I001  (MONAI without mlflow: see there)
+from brats_psp import _monai  # noqa: F401, I001  (MONAI without the optional packages it probes: see there)
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     CenterSpatialCropd,

@@ -30,7 +30,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from brats_psp import _monai  # noqa: F401, I001  (MONAI without mlflow: see there)
+from brats_psp import _monai  # noqa: F401, I001  (MONAI without the optional packages it probes: see there)
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
