@@ -46,6 +46,7 @@ log = logging.getLogger("postprocessing")
 #: ``infer`` keys that act after the network's probabilities (the ones a variant may change).
 AFTER_NETWORK = frozenset({
     "threshold", "region_thresholds", "hysteresis", "small_et_voxels", "min_component_voxels", "min_component_fraction", "core_component_fraction",
+    "core_neck_mm",
     "fill_core", "rim_hull",
 })
 
@@ -106,7 +107,8 @@ def score_models(
                 continue
             ref_img = nib.load(str(ref_path))  # read once per case, for every model
             ref = release_to_regions(_canonical(np.asanyarray(ref_img.dataobj), ref_img.affine), case.labels)
-            affine = nib.load(str(case.images[0])).affine
+            first_image = nib.load(str(case.images[0]))
+            affine, zooms = first_image.affine, tuple(float(z) for z in first_image.header.get_zooms()[:3])
             prepared: dict[tuple[Any, ...], Any] = {}  # preprocessed once per (spacing, percentiles), as infer does for an ensemble
             for model, m in loaded.items():
                 spacing, percentiles = m.config.data.spacing, m.config.data.intensity_percentiles
@@ -118,7 +120,7 @@ def score_models(
                 ready, chain = prepared[key]
                 probs = probabilities_on_input_grid(predict_case(m, ready, m.config.infer, runtime), ready.image, chain)
                 for name, cfg in cfgs[model].items():
-                    tissue = postprocess(probabilities_to_tissue(probs, cfg.thresholds, cfg.low_thresholds), cfg)
+                    tissue = postprocess(probabilities_to_tissue(probs, cfg.thresholds, cfg.low_thresholds), cfg, zooms)
                     pred = tissue_to_regions(_canonical(tissue, affine))
                     if pred.shape != ref.shape:
                         raise ValueError(f"{case.case_id}: prediction {pred.shape[1:]} and reference {ref.shape[1:]} differ in shape")

@@ -112,7 +112,7 @@ class SegmentResult:
     failures: list[CaseError] = field(default_factory=list)
 
 
-def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
+def postprocess(tissue: np.ndarray, cfg: InferConfig, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """BraTS postprocessing of a tissue map (in place and returned).
 
     * ``min_component_voxels``: tumour components (WT, 26-connected) smaller than this are removed.
@@ -120,6 +120,9 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
       are removed (stray false positives far from the lesion; a multifocal tumour's large foci stay).
     * ``core_component_fraction``: core components (NCR + ET, 26-connected) smaller than this
       fraction of the largest one become edema (a stray core or enhancing spot in the edema).
+    * ``core_neck_mm``: with it, a part of the core joined to the rest only through a neck
+      narrower than twice this many mm counts as a component of its own for that rule
+      (:func:`necked_components`; ``spacing``: the voxel size in mm).
     * ``small_et_voxels``: when the whole prediction has fewer ET voxels than this, they become NCR
       (the rule that wins points on cases without enhancing tumour).
     * ``fill_core``: tumour enclosed by the core becomes necrosis (:func:`fill_core`).
@@ -131,6 +134,8 @@ def postprocess(tissue: np.ndarray, cfg: InferConfig) -> np.ndarray:
         if cfg.min_component_voxels > 0 or cfg.min_component_fraction > 0:
             sub[small_components(sub > 0, cfg.min_component_voxels, cfg.min_component_fraction)] = Tissue.BACKGROUND
         if cfg.core_component_fraction > 0:
+            if cfg.core_neck_mm > 0:
+                sub[necked_components((sub == Tissue.NCR) | (sub == Tissue.ET), cfg.core_neck_mm, cfg.core_component_fraction, spacing)] = Tissue.ED
             sub[small_components((sub == Tissue.NCR) | (sub == Tissue.ET), 0, cfg.core_component_fraction)] = Tissue.ED
     if cfg.small_et_voxels > 0:
         et = tissue == Tissue.ET
@@ -153,6 +158,23 @@ def small_components(mask: np.ndarray, min_voxels: int, fraction: float) -> np.n
     sizes[0] = 0
     small = np.flatnonzero(sizes < max(min_voxels, fraction * int(sizes.max())))
     return np.isin(labelled, small[small > 0])
+
+
+def necked_components(mask: np.ndarray, neck_mm: float, fraction: float, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """The voxels of ``mask`` that its morphological opening by a ball of radius ``neck_mm``
+    splits off into components smaller than ``fraction`` of the largest opened component.
+
+    The opening (an erosion and a dilation, both by Euclidean distance in mm) keeps what is
+    thicker than the ball and cuts every neck narrower than its diameter; what is thinner
+    than the ball everywhere is left alone (the 26-connected rule, :func:`small_components`,
+    judges it), and so is all of ``mask`` when nothing survives the erosion.
+    """
+    padded = np.pad(mask, 1)  # the box's edge counts as outside
+    inner = ndimage.distance_transform_edt(padded, sampling=spacing) > neck_mm
+    if not inner.any():
+        return np.zeros(mask.shape, bool)
+    opened = (ndimage.distance_transform_edt(~inner, sampling=spacing) <= neck_mm) & padded
+    return small_components(opened, 0, fraction)[(slice(1, -1),) * mask.ndim]
 
 
 def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -380,7 +402,7 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
         tissue = probabilities_to_tissue(probs_in, cfg.thresholds, cfg.low_thresholds)
     else:
         tissue = tissue_on_input_grid(probs, image, chain, cfg.thresholds, cfg.low_thresholds)
-    tissue = postprocess(tissue, cfg)
+    tissue = postprocess(tissue, cfg, tuple(float(z) for z in ref.header.get_zooms()[:3]))
     release = case.labels if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)
     out = out_dir / f"{case.case_id}.nii.gz"

@@ -327,6 +327,32 @@ def test_postprocess_core_component_fraction_turns_stray_cores_into_edema() -> N
     assert (default[2:4, 16:19, 3:5] == Tissue.ED).all()
 
 
+def test_core_neck_mm_splits_a_core_part_joined_by_a_thin_neck() -> None:
+    """A small core joined to the main one by a bar 2 voxels wide is one 26-connected component
+    (the fraction rule keeps it); with ``core_neck_mm`` 2 the opening cuts the bar and the small
+    core becomes edema; the bar (thinner than the ball) and the main core stay."""
+    from brats_psp.segment import necked_components
+
+    t = np.zeros((40, 30, 30), np.uint8)
+    t[2:38, 2:28, 2:28] = Tissue.ED
+    t[4:18, 8:22, 8:22] = Tissue.NCR  # the main core: 14^3 = 2744 voxels
+    t[26:32, 12:18, 12:18] = Tissue.NCR  # a small core, 216 voxels (7.9 %)
+    t[18:26, 14:16, 14:16] = Tissue.ET  # the neck between them, 2 x 2 voxels
+    base = ["infer.small_et_voxels=0", "infer.fill_core=false", "infer.rim_hull=false", "infer.core_component_fraction=0.1"]
+    np.testing.assert_array_equal(postprocess(t.copy(), load_config(None, base).infer), t)  # 0 (the default): one component, kept
+    out = postprocess(t.copy(), load_config(None, [*base, "infer.core_neck_mm=2"]).infer)
+    assert (out[26:32, 12:18, 12:18] == Tissue.ED).all()
+    np.testing.assert_array_equal(out[4:25], t[4:25])  # the main core and the neck unchanged (bar its last voxel, within the ball of the cut part)
+    assert ((out > 0) == (t > 0)).all()  # the whole tumour unchanged
+    core = (t == Tissue.NCR) | (t == Tissue.ET)
+    assert necked_components(core, 1.5, 0.1).any()  # 1 mm voxels: the 2 mm neck is narrower than a 3 mm ball
+    assert not necked_components(core, 1.5, 0.1, (2.0, 2.0, 2.0)).any()  # 2 mm voxels: the neck is 4 mm wide, the ball's 3 mm do not cut it
+    assert necked_components(core, 2, 0.1, (1.0, 1.0, 1.0)).sum() < 216  # the opening rounds the small core's corners off (the 26-connected rule then takes them)
+    assert not necked_components(core, 8, 0.1).any()  # nothing survives the erosion: nothing is judged
+    with pytest.raises(ConfigError, match="core_neck_mm"):
+        load_config(None, ["infer.core_neck_mm=-1"])
+
+
 def test_postprocess_removes_the_components_a_whole_volume_labelling_removes() -> None:
     """Components are labelled inside the tumour's box only: the same voxels go as labelling the
     whole volume removes, on random multifocal maps that touch the volume's faces."""
