@@ -19,7 +19,9 @@ pass (``infer.tta``, ``infer.scales``, ``infer.class_gate``...) are refused: use
 
 Writes ``OUT/postprocessing.json`` (Dice per model, variant and case) and
 ``OUT/postprocessing.md``: per variant, mean Dice WT / TC / ET over the models, per real case and
-per synthetic set (mean over its cases), and the mean over the real cases. Accuracy, not speed.
+per synthetic set (mean over its cases), and the mean over the real cases. With ``--hd95`` the
+real cases' HD95 per region too (mm, :func:`~brats_psp.metrics.hd95`, as ``evaluate`` scores it),
+in the JSON and in a second table. Accuracy, not speed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def _check_overrides(name: str, overrides: list[str]) -> None:
             raise SystemExit(f"variant {name}: {key} does not act after the network (allowed: infer.{', infer.'.join(sorted(AFTER_NETWORK))})")
 
 
+def _canonical_spacing(zooms: tuple[float, ...], affine: np.ndarray) -> tuple[float, ...]:
+    """The voxel size along the axes of :func:`_canonical`'s array (its axes may be permuted)."""
+    import nibabel as nib
+
+    out = [1.0] * 3
+    for axis, (target, _) in enumerate(nib.orientations.io_orientation(affine)):
+        out[int(target)] = float(zooms[axis])
+    return tuple(out)
+
+
 def _canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """``array`` (spatial axes first) reoriented to the closest canonical (RAS) axes."""
     import nibabel as nib
@@ -76,9 +88,10 @@ def _reference(case: Any, refs: Path | None) -> Path | None:
 
 
 def score_models(
-    models: list[str], folders: dict[str, tuple[Path, bool]], variants: dict[str, list[str]]
+    models: list[str], folders: dict[str, tuple[Path, bool]], variants: dict[str, list[str]], with_hd95: bool = False
 ) -> dict[str, Any]:
-    """Dice per model, variant, folder and case. ``folders``: name -> (folder, is_real)."""
+    """Dice per model, variant, folder and case (and, ``with_hd95``, the real cases' HD95 in mm).
+    ``folders``: name -> (folder, is_real)."""
     import nibabel as nib
 
     from brats_psp.checkpoint import load_model
@@ -88,7 +101,7 @@ def score_models(
     from brats_psp.errors import CaseError
     from brats_psp.inference import probabilities_to_tissue
     from brats_psp.labels import REGION_NAMES, release_to_regions, tissue_to_regions
-    from brats_psp.metrics import dice
+    from brats_psp.metrics import dice, hd95
     from brats_psp.runtime import setup_runtime
     from brats_psp.segment import postprocess, predict_case, prepare_case, probabilities_on_input_grid
 
@@ -100,6 +113,7 @@ def score_models(
     first = next(iter(loaded.values())).config.train
     runtime = setup_runtime(first.device, first.precision, 0)
     per_model: dict[str, dict[str, Any]] = {model: {name: {} for name in variants} for model in models}
+    per_model_hd95: dict[str, dict[str, Any]] = {model: {name: {} for name in variants} for model in models}
     for folder_name, (folder, real) in folders.items():
         for case in discover_cases(folder).cases:
             ref_path = _reference(case, folder / "references" if real else None)
@@ -125,26 +139,34 @@ def score_models(
                     if pred.shape != ref.shape:
                         raise ValueError(f"{case.case_id}: prediction {pred.shape[1:]} and reference {ref.shape[1:]} differ in shape")
                     per_model[model][name].setdefault(folder_name, {})[case.case_id] = [round(dice(pred[r], ref[r]), 4) for r in range(len(REGION_NAMES))]
+                    if with_hd95 and real:
+                        spacing = _canonical_spacing(zooms, affine)
+                        per_model_hd95[model][name].setdefault(folder_name, {})[case.case_id] = [
+                            round(hd95(pred[r], ref[r], spacing), 2) for r in range(len(REGION_NAMES))
+                        ]
                 log.info("%s: %s scored", Path(model).parent.parent.name, case.case_id)
     return {
         model: {"thresholds": list(m.config.infer.thresholds), "variants": per_model[model],
+                **({"hd95": per_model_hd95[model]} if with_hd95 else {}),
                 "infer": {name: dataclasses.asdict(cfg) for name, cfg in cfgs[model].items()}}
         for model, m in loaded.items()
     }
 
 
-def table(result: dict[str, Any], folders: dict[str, tuple[Path, bool]]) -> str:
+def table(result: dict[str, Any], folders: dict[str, tuple[Path, bool]], key: str = "variants") -> str:
     """Markdown: a row per variant, mean Dice WT / TC / ET over the models per real case, per
-    synthetic set (mean over its cases) and over all real cases."""
-    fmt = " / ".join(["{:.3f}"] * 3)
-    models = list(result.values())
+    synthetic set (mean over its cases) and over all real cases; ``key="hd95"``: the same of the
+    HD95 (mm), where it was computed (the real cases)."""
+    fmt = " / ".join(["{:.3f}" if key == "variants" else "{:.1f}"] * 3)
+    models = [{"variants": m[key]} for m in result.values() if key in m]
     variants = list(models[0]["variants"]) if models else []
     columns: list[tuple[str, str | None]] = []  # (folder, case or None for a whole set)
     for name, (_, real) in folders.items():
         cases = sorted({c for m in models for c in m["variants"][variants[0]].get(name, {})}) if variants else []
         columns += [(name, c) for c in cases] if real else [(name, None)]
     head = [c or f for f, c in columns] + ["real mean"]
-    lines = [f"| variant (mean of {len(models)} models) | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    what = "Dice WT / TC / ET" if key == "variants" else "HD95 WT / TC / ET (mm)"
+    lines = [f"| variant (mean of {len(models)} models), {what} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for v in variants:
         cells, real_rows = [], []
         for folder, case in columns:
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic", action="append", default=[], metavar="NAME=DIR", help="a labelled set (repeat)")
     ap.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [infer.KEY=VALUE ...]",
                     help="a variant: a name and infer overrides that act after the network (repeat)")
+    ap.add_argument("--hd95", action="store_true", help="also the HD95 of every region on the real cases (mm; slower)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "postprocessing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -179,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--synthetic takes NAME=DIR, got {text!r}")
         folders[name] = (Path(path), False)
-    result = score_models(args.model, folders, variants)
+    result = score_models(args.model, folders, variants, with_hd95=args.hd95)
     md = table(result, folders)
+    if args.hd95:
+        md += "\n" + table(result, {k: v for k, v in folders.items() if v[1]}, key="hd95")
     write_json(args.out / "postprocessing.json", {"folders": {k: str(p) for k, (p, _) in folders.items()}, "models": result})
     write_text(args.out / "postprocessing.md", md)
     print(md)

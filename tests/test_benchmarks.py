@@ -79,7 +79,7 @@ def test_postprocessing_benchmark_scores_variants_as_infer_labels_them(tmp_path:
     import shutil
 
     from brats_psp.config import load_config
-    from brats_psp.evaluation import evaluate
+    from brats_psp.evaluation import evaluate, evaluate_label
     from brats_psp.segment import segment_cases
     from tests.conftest import untrained_checkpoint, write_case
 
@@ -94,7 +94,7 @@ def test_postprocessing_benchmark_scores_variants_as_infer_labels_them(tmp_path:
     out = tmp_path / "out"
     _run("postprocessing.py", "--model", str(ckpt), "--model", str(twin), "--real", str(tmp_path / "real"), "--synthetic", f"syn={tmp_path / 'syn'}",
          "--variant", "default", "--variant", "strict", "infer.region_thresholds=[0.999,0.999,0.999]",
-         "--variant", "grow", "infer.hysteresis=0.5", "--out", str(out))
+         "--variant", "grow", "infer.hysteresis=0.5", "--hd95", "--out", str(out))
     result = json.loads((out / "postprocessing.json").read_text())
     scored = result["models"][str(ckpt)]["variants"]
     assert result["models"][str(twin)]["variants"] == scored
@@ -107,8 +107,15 @@ def test_postprocessing_benchmark_scores_variants_as_infer_labels_them(tmp_path:
         k = ("WT", "TC", "ET").index(row["region"])
         assert scored["default"]["syn"][row["case"]][k] == pytest.approx(row["dice"], abs=1e-4), (row, scored["default"]["syn"])
     assert scored["strict"] != scored["default"]  # an untrained model's probabilities are near 0.5: nothing is that sure
+    hd = result["models"][str(ckpt)]["hd95"]  # --hd95: the real cases' only, as evaluate scores them
+    assert set(hd["default"]) == {"real:real"}
+    segment_cases(str(ckpt), tmp_path / "real", tmp_path / "pred_real", cfg, progress=False)
+    ref = tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz"
+    for row in evaluate_label("BraTS-GLI-00007-000", ref, "brats2023", tmp_path / "pred_real" / "BraTS-GLI-00007-000.nii.gz"):
+        k = ("WT", "TC", "ET").index(row["region"])
+        assert hd["default"]["real:real"]["BraTS-GLI-00007-000"][k] == pytest.approx(row["hd95"], abs=0.01)
     md = (out / "postprocessing.md").read_text()
-    assert "| default |" in md and "| grow |" in md and "real mean" in md
+    assert "| default |" in md and "| grow |" in md and "real mean" in md and "HD95 WT / TC / ET (mm)" in md
     proc = subprocess.run([sys.executable, "benchmarks/postprocessing.py", "--model", str(ckpt), "--synthetic", f"syn={tmp_path / 'syn'}",
                            "--variant", "tta", "infer.tta=true", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "infer.tta does not act after the network" in proc.stderr
