@@ -123,6 +123,7 @@ def score_models(
             ref = release_to_regions(_canonical(np.asanyarray(ref_img.dataobj), ref_img.affine), case.labels)
             first_image = nib.load(str(case.images[0]))
             affine, zooms = first_image.affine, tuple(float(z) for z in first_image.header.get_zooms()[:3])
+            ref_spacing = _canonical_spacing(zooms, affine)  # the voxel size along ref's (and pred's) axes
             prepared: dict[tuple[Any, ...], Any] = {}  # preprocessed once per (spacing, percentiles), as infer does for an ensemble
             for model, m in loaded.items():
                 spacing, percentiles = m.config.data.spacing, m.config.data.intensity_percentiles
@@ -140,9 +141,8 @@ def score_models(
                         raise ValueError(f"{case.case_id}: prediction {pred.shape[1:]} and reference {ref.shape[1:]} differ in shape")
                     per_model[model][name].setdefault(folder_name, {})[case.case_id] = [round(dice(pred[r], ref[r]), 4) for r in range(len(REGION_NAMES))]
                     if with_hd95 and real:
-                        spacing = _canonical_spacing(zooms, affine)
                         per_model_hd95[model][name].setdefault(folder_name, {})[case.case_id] = [
-                            round(hd95(pred[r], ref[r], spacing), 2) for r in range(len(REGION_NAMES))
+                            round(hd95(pred[r], ref[r], ref_spacing), 2) for r in range(len(REGION_NAMES))
                         ]
                 log.info("%s: %s scored", Path(model).parent.parent.name, case.case_id)
     return {
