@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from brats_psp.data.discovery import discover_cases, label_files  # noqa: E402
 from brats_psp.data.layouts import MODALITIES  # noqa: E402
+from brats_psp.io import voxel_size  # noqa: E402
 from brats_psp.labels import REGION_NAMES, release_to_regions  # noqa: E402
 
 BANDS = (0, 5, 10, 15, 20, 30, 1000)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         loaded = {m: nib.load(str(case.images[MODALITIES.index(m)])) for m in ("t1", "t1ce", "t2", "flair")}
         images = {m: np.asarray(img.dataobj, dtype=np.float32) for m, img in loaded.items()}
-        depth = brain_depth(images["t1ce"], loaded["t1ce"].header.get_zooms()[:3])
+        depth = brain_depth(images["t1ce"], voxel_size(loaded["t1ce"]))
         ref = release_to_regions(np.asarray(nib.load(str(label)).dataobj), case.labels)
         pred = release_to_regions(np.asarray(nib.load(str(pred_path)).dataobj), case.labels)
         bands = band_masks(depth)

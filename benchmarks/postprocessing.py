@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from brats_psp.io import write_json, write_text  # noqa: E402
+from brats_psp.io import voxel_size, write_json, write_text  # noqa: E402
 
 log = logging.getLogger("postprocessing")
 
@@ -122,7 +122,7 @@ def score_models(
             ref_img = nib.load(str(ref_path))  # read once per case, for every model
             ref = release_to_regions(_canonical(np.asanyarray(ref_img.dataobj), ref_img.affine), case.labels)
             first_image = nib.load(str(case.images[0]))
-            affine, zooms = first_image.affine, tuple(float(z) for z in first_image.header.get_zooms()[:3])
+            affine, zooms = first_image.affine, voxel_size(first_image)
             ref_spacing = _canonical_spacing(zooms, affine)  # the voxel size along ref's (and pred's) axes
             prepared: dict[tuple[Any, ...], Any] = {}  # preprocessed once per (spacing, percentiles), as infer does for an ensemble
             for model, m in loaded.items():

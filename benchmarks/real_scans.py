@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/real_scans.py` from a
 
 from brats_psp.config import apply_overrides  # noqa: E402
 from brats_psp.data.discovery import discover_cases  # noqa: E402
+from brats_psp.io import voxel_size  # noqa: E402
 from brats_psp.labels import REGION_NAMES, REGIONS, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
 from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
@@ -78,7 +79,7 @@ def score_case(pred_path: Path, ref_path: Path, release: str) -> dict[str, Any]:
     ref, _ = _ras(ref_path)
     if pred.shape != ref.shape:
         raise ValueError(f"{pred_path.name}: prediction {pred.shape} and reference {ref.shape} differ in shape")
-    spacing = tuple(float(s) for s in pred_img.header.get_zooms()[:3])
+    spacing = voxel_size(pred_img)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     p_reg, r_reg = release_to_regions(pred, release), release_to_regions(ref, release)
     out: dict[str, Any] = {}
@@ -139,7 +140,7 @@ def _oriented_case(row: dict[str, Any]) -> tuple[tuple[np.ndarray, np.ndarray, n
     pred_labels, pred_img = _ras(row["prediction"])
     pred = release_to_tissue(pred_labels, case.labels)
     ref = release_to_tissue(_ras(row["reference"])[0], case.labels) if row["reference"] else None
-    return (image, pred, ref), tuple(float(z) for z in pred_img.header.get_zooms()[:3])
+    return (image, pred, ref), voxel_size(pred_img)
 
 
 def tc_by_slice(pred: np.ndarray, ref: np.ndarray) -> list[dict[str, int]]:
@@ -201,7 +202,7 @@ def plot_slices(row: dict[str, Any], out: Path, n: int = 8) -> Path:
 def region_volumes(path: Path, release: str) -> dict[str, float]:
     """Predicted volume (mL) of each region of a label file."""
     labels, img = _ras(path)
-    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    voxel_ml = float(np.prod(voxel_size(img))) / 1000.0
     regions = release_to_regions(labels, release)
     return {region: float(regions[k].sum()) * voxel_ml for k, region in enumerate(REGION_NAMES)}
 

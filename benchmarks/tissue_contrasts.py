@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/tissue_contrasts.py` 
 from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.data.layouts import MODALITIES  # noqa: E402
 from brats_psp.errors import CaseError  # noqa: E402
-from brats_psp.io import atomic_path, write_json  # noqa: E402
+from brats_psp.io import atomic_path, voxel_size, write_json  # noqa: E402
 from brats_psp.labels import Tissue  # noqa: E402
 from benchmarks.real_scans import find_reference  # noqa: E402
 
@@ -122,7 +122,7 @@ def measure(groups: list[tuple[str, Path]], margin_mm: float = 15.0, inset_mm: f
                 case = dataclasses.replace(case, label=ref)
             try:
                 image, tissue, ref_img = load_case_arrays(case)
-                spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+                spacing = voxel_size(ref_img)
                 ratios = case_contrasts(image, tissue, spacing, margin_mm, inset_mm)
             except (CaseError, ValueError) as err:
                 failures.append(f"{case.case_id}: {err}")

@@ -24,7 +24,7 @@ import numpy as np
 from brats_psp.data.discovery import Case, discover_cases, label_files
 from brats_psp.data.transforms import read_nifti
 from brats_psp.errors import CaseError
-from brats_psp.io import write_json, write_text
+from brats_psp.io import voxel_size, write_json, write_text
 from brats_psp.labels import (
     REGION_NAMES,
     LabelValueError,
@@ -106,7 +106,7 @@ def _read_pair(
         raise CaseError(case_id, pred_path, f"prediction shape {pred.shape[1:]} differs from the reference {ref.shape[1:]}")
     if not np.allclose(pred_img.affine, ref_img.affine, atol=AFFINE_ATOL_MM):
         raise CaseError(case_id, pred_path, "prediction affine differs from the reference (not in the input's geometry)")
-    return pred, ref, tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+    return pred, ref, voxel_size(ref_img)
 
 
 def _region_rows(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> list[dict[str, Any]]:

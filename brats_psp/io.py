@@ -133,3 +133,8 @@ def save_nifti(
     img.set_sform(affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
+
+
+def voxel_size(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
+    """The voxel size in mm along the image's first three array axes (its header's zooms)."""
+    return tuple(float(z) for z in img.header.get_zooms()[:3])

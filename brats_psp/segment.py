@@ -55,7 +55,7 @@ from brats_psp.data.discovery import Case, discover_cases
 from brats_psp.data.transforms import apply_transforms, open_nifti, volume_transforms
 from brats_psp.errors import CaseError, CheckpointError, check_case_id
 from brats_psp.inference import above_threshold, predict_volume, probabilities_to_tissue
-from brats_psp.io import ensure_writable_dir, save_nifti, write_json
+from brats_psp.io import ensure_writable_dir, save_nifti, voxel_size, write_json
 from brats_psp.labels import NoRegionsError, Tissue, get_release, tissue_to_release
 from brats_psp.runtime import Runtime, setup_runtime
 
@@ -402,7 +402,7 @@ def write_case(prepared: PreparedCase, probs: torch.Tensor, spacing: Sequence[fl
         tissue = probabilities_to_tissue(probs_in, cfg.thresholds, cfg.low_thresholds)
     else:
         tissue = tissue_on_input_grid(probs, image, chain, cfg.thresholds, cfg.low_thresholds)
-    tissue = postprocess(tissue, cfg, tuple(float(z) for z in ref.header.get_zooms()[:3]))
+    tissue = postprocess(tissue, cfg, voxel_size(ref))
     release = case.labels if cfg.labels == "input" else cfg.labels
     label = tissue_to_release(tissue, release)
     out = out_dir / f"{case.case_id}.nii.gz"
