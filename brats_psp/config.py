@@ -153,7 +153,7 @@ class TrainConfig:
     """Optimisation, schedule, checkpoints and the hardware to use."""
 
     epochs: int = 20
-    slices_per_epoch: int = 2000
+    slices_per_epoch: int = 2600
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -269,6 +269,30 @@ def test_a_small_low_grade_focus_with_a_cyst_draws() -> None:
     assert cysts > 0
 
 
+def test_edema_spares_the_cortex_in_appearance_but_labels_cover_the_front() -> None:
+    # vasogenic edema is water in the white matter: most lesions' edema looks faint over grey
+    # matter (the spared gyri between its fingers), some infiltrate it; the ED label is the
+    # whole front either way, as annotators outline the FLAIR signal around spared gyri
+    brain = np.ones(BRATS_SHAPE, bool)
+    brain[:5] = False
+    wm = np.zeros(BRATS_SHAPE, np.float32)
+    wm[:, :, :77] = 1.0  # white matter below the lesion's centre plane, grey matter above
+    plan = LesionPlan(
+        kind="gbm", interior="necrotic", centre_vox=np.array([120.0, 120.0, 77.0]), radii=np.array([10.0, 10.0, 10.0]),
+        orientation=np.eye(3), edema_reach=12.0, push=0.0, region="frontal",
+    )
+    ratios = []
+    for seed in range(20):
+        les = draw_lesion(np.random.default_rng(seed), plan, wm, brain)
+        ed = les.tissue == Tissue.ED
+        grey = wm[les.box] < 0.5
+        assert (ed & grey).sum() > 0.1 * ed.sum()  # the label covers the grey-matter side too
+        ratios.append(les.weights["ed"][ed & grey].mean() / les.weights["ed"][ed & ~grey].mean())
+    ratios = np.array(ratios)
+    assert (ratios < 0.3).sum() >= 10  # most spare the cortex
+    assert ratios.max() > 2 * np.median(ratios)  # some infiltrate it
+
+
 def test_flair_suppresses_csf(cases: list[SyntheticCase]) -> None:
     # CSF (the brightest T2 voxels: ventricles) is dark on FLAIR, so its FLAIR/T2 ratio is
     # far below that of white matter.

@@ -252,9 +252,13 @@ def draw_lesion(rng: np.random.Generator, plan: LesionPlan, wm: np.ndarray, brai
     brain_c = brain[box]
     core_w, w = _core_parts(rng, plan, _ellipsoid_radius(plan, f_lo, shape, 1), amp)
 
-    # Edema: soft front from the upsampled score, outside the core.
+    # Edema: soft front from the upsampled score, outside the core. Vasogenic edema is water
+    # in the white matter: most lesions' edema spares the cortex and the sulci (ribbons of grey
+    # matter and CSF inside the edema's extent that are not tumour); an infiltrating one does not.
     ed_soft = np.clip(upsample_half(score, shape) * 0.5 + 0.5, 0.0, 1.0)
-    w["ed"] = ed_soft * (1.0 - core_w)
+    cortex = float(rng.uniform(0.0, 0.35) if rng.random() < 0.7 else rng.uniform(0.5, 1.0))
+    wm_c = np.clip(wm[box], 0.0, 1.0)
+    w["ed"] = ed_soft * (wm_c + (1.0 - wm_c) * np.float32(cortex)) * (1.0 - core_w)  # labels: the whole front
 
     # Hard labels, only inside the brain: ET where enhancement dominates the core.
     tissue = np.zeros(shape, np.uint8)
