@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from brats_psp.evaluation import evaluate
-from brats_psp.io import save_nifti
+from brats_psp.io import save_nifti, voxel_size
 from brats_psp.labels import Tissue, tissue_to_release
 from tests.conftest import BRATS_AFFINE
 
@@ -119,7 +119,7 @@ def _ours(cases: list[tuple[str, Path, Path]], tmp_path: Path, task: str) -> dic
 
 
 def _isotropic(path: Path) -> bool:
-    zooms = nib.load(str(path)).header.get_zooms()[:3]
+    zooms = voxel_size(nib.load(str(path)))
     return max(zooms) - min(zooms) < 1e-6
 
 
