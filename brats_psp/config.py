@@ -205,7 +205,7 @@ class InferConfig:
     class_gate: float = 0.0  # > 0: a region is removed from every slice whose class-head probability for it is below this (inference.RegionProbabilities); 0 = off
     small_et_voxels: int = 500  # ET below this many voxels becomes NCR (BraTS postprocessing); 0 disables
     min_component_voxels: int = 0  # drop connected components smaller than this; 0 disables
-    min_component_fraction: float = 0.1  # drop tumour components smaller than this fraction of the largest; 0 disables
+    min_component_fraction: float = 0.2  # drop tumour components smaller than this fraction of the largest (0.1 before 2026-12-06: README); 0 disables
     core_component_fraction: float = 0.1  # core (TC) components smaller than this fraction of the largest core component become edema; 0 disables
     core_neck_mm: float = 0.0  # > 0: core parts joined to the rest only through a neck narrower than 2 x this (mm) count as components of their own for core_component_fraction (segment.necked_components); 0 = off
     fill_core: bool = True  # tumour that the core (NCR + ET) encloses in a slice becomes NCR (segment.fill_core)
