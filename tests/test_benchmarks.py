@@ -210,6 +210,58 @@ def test_real_scan_check_scores_an_ensemble(tmp_path: Path) -> None:
         assert all((v is None) == (share == 0.0) for v, share in zip(depth[region]["sensitivity"], depth[region]["share"]))
 
 
+def test_enhancement_probe_scales_t1ce_inside_the_reference_enhancing_tumour_only(tmp_path: Path) -> None:
+    """``enhancement.py`` writes each case again with its T1ce multiplied inside the reference's
+    ET (the rest of T1ce and the other contrasts are the scan's own: links), segments every
+    version and scores it per factor; a case without enhancing tumour is skipped, said so."""
+    import shutil
+
+    import nibabel as nib
+
+    from benchmarks.enhancement import scale_inside
+    from brats_psp.io import save_nifti
+    from brats_psp.labels import Tissue, tissue_to_release
+    from tests.conftest import untrained_checkpoint, write_case
+
+    case = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00007-000")
+    (tmp_path / "real" / "references").mkdir()
+    shutil.move(case["paths"]["seg"], tmp_path / "real" / "references" / "BraTS-GLI-00007-000-seg.nii.gz")
+    low = write_case(tmp_path / "real", "brats2023", "BraTS-GLI-00008-000", seed=1)
+    tissue = np.asarray(low["tissue"])
+    tissue[tissue == Tissue.ET] = Tissue.NCR  # a low-grade glioma: no enhancing tumour
+    save_nifti(tmp_path / "real" / "references" / "BraTS-GLI-00008-000-seg.nii.gz", tissue_to_release(tissue, "brats2023"),
+               nib.load(low["paths"]["seg"]).affine, dtype=np.uint8)
+    Path(low["paths"]["seg"]).unlink()
+    model = untrained_checkpoint(tmp_path / "a.pt")
+    proc = _run("enhancement.py", "--model", str(model), "--real", str(tmp_path / "real"), "--factors", "1.3", "1",
+                "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "enhancement.json").read_text())
+    assert result["factors"] == [1.0, 1.3]
+    assert list(result["cases"]) == ["BraTS-GLI-00007-000"]
+    assert "nothing to scale" in result["skipped"]["BraTS-GLI-00008-000"] and "skipped BraTS-GLI-00008-000" in proc.stdout
+    et = case["tissue"] == Tissue.ET
+    assert result["cases"]["BraTS-GLI-00007-000"]["et_voxels"] == int(et.sum()) > 0
+    for factor in ("1.0", "1.3"):
+        scores = result["cases"]["BraTS-GLI-00007-000"][factor]
+        assert set(scores) == {"WT", "TC", "ET"}
+        assert all(0.0 <= s[k] <= 1.0 for s in scores.values() for k in ("dice", "sensitivity"))
+        assert (tmp_path / "out" / "predictions" / "0" / f"x{float(factor):g}" / "BraTS-GLI-00007-000.nii.gz").is_file()
+    # the written T1ce: x1.3 inside the reference's ET only, the same header; the others are links
+    folder = tmp_path / "out" / "input" / "0" / "x1.3" / "BraTS-GLI-00007-000"
+    written = nib.load(folder / "BraTS-GLI-00007-000-t1c.nii.gz")
+    original = nib.load(case["paths"]["t1ce"])
+    data, before = np.asarray(written.dataobj), np.asarray(original.dataobj)
+    assert data.dtype == before.dtype and np.array_equal(written.affine, original.affine)
+    assert np.array_equal(data[~et], before[~et])
+    assert np.array_equal(data[et], np.rint(before[et] * 1.3).astype(before.dtype))
+    assert (folder / "BraTS-GLI-00007-000-t2f.nii.gz").resolve() == Path(case["paths"]["flair"]).resolve()
+    assert (tmp_path / "out" / "input" / "0" / "x1" / "BraTS-GLI-00007-000" / "BraTS-GLI-00007-000-t1c.nii.gz").resolve() == Path(
+        case["paths"]["t1ce"]).resolve()  # factor 1: the scan as it is
+    assert (tmp_path / "out" / "enhancement.png").stat().st_size > 10_000
+    # integers are rounded and clipped to their type
+    assert scale_inside(np.array([100, 30000], np.int16), np.array([True, True]), 1.5).tolist() == [150, 32767]
+
+
 def test_brainles_cases_arranges_a_tutorials_checkout(tmp_path: Path) -> None:
     """brainles_cases.py turns the BraTS-Toolkit folders of a BrainLesion/tutorials checkout into
     two BraTS 2021 cases with references that real_scans.py finds; a checkout without them is
