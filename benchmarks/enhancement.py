@@ -38,7 +38,7 @@ from brats_psp.data.discovery import Case, discover_cases  # noqa: E402
 from brats_psp.labels import REGION_NAMES, release_to_regions  # noqa: E402
 from brats_psp.metrics import dice, sensitivity  # noqa: E402
 from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
-from benchmarks.real_scans import DEFAULT_REAL, find_reference  # noqa: E402
+from benchmarks.real_scans import DEFAULT_REAL, find_reference, present_folders  # noqa: E402
 
 log = logging.getLogger("enhancement")
 
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(f <= 0 for f in args.factors):
         ap.error(f"--factors must be positive, got {args.factors}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    reals = args.real or [DEFAULT_REAL]
-    present = [r for r in reals if r.is_dir()]
-    for absent in sorted(set(reals) - set(present)):
-        print(f"no real scans at {absent}: nothing to do there")
+    present = present_folders(args.real or [DEFAULT_REAL])
     if not present:
         return 0
     summary = run(args.model, present, sorted(set(args.factors)), args.out, args.overrides)

@@ -58,6 +58,14 @@ log = logging.getLogger("real_scans")
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real"
 
 
+def present_folders(reals: list[Path]) -> list[Path]:
+    """The folders of ``reals`` that exist; each absent one is named on stdout."""
+    present = [r for r in reals if r.is_dir()]
+    for absent in sorted(set(reals) - set(present)):
+        print(f"no real scans at {absent}: nothing to do there")
+    return present
+
+
 def find_reference(refs: Path, case_id: str) -> Path | None:
     """The reference segmentation of ``case_id`` in ``refs``, if there is one."""
     for name in (f"{case_id}-seg.nii.gz", f"{case_id}_seg.nii.gz", f"{case_id}-seg.nii", f"{case_id}_seg.nii"):
@@ -306,10 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="infer overrides key=value (e.g. infer.tta=true)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    reals = args.real or [DEFAULT_REAL]
-    present = [r for r in reals if r.is_dir()]
-    for absent in sorted(set(reals) - set(present)):
-        print(f"no real scans at {absent}: nothing to do there")
+    present = present_folders(args.real or [DEFAULT_REAL])
     if not present:
         return 0
     if args.refs is not None and len(present) > 1:
