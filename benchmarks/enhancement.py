@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/enhancement.py` from 
 
 from brats_psp.config import apply_overrides  # noqa: E402
 from brats_psp.data.discovery import Case, discover_cases  # noqa: E402
+from brats_psp.io import atomic_path, write_json  # noqa: E402
 from brats_psp.labels import REGION_NAMES, release_to_regions  # noqa: E402
 from brats_psp.metrics import dice, sensitivity  # noqa: E402
 from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
@@ -44,6 +44,7 @@ log = logging.getLogger("enhancement")
 
 DEFAULT_FACTORS = (1.0, 1.15, 1.3, 1.5)
 T1CE = 1  # index of T1ce in a case's images (MODALITIES order: T1, T1ce, T2, FLAIR)
+ET = REGION_NAMES.index("ET")
 
 
 def scale_inside(data: np.ndarray, mask: np.ndarray, factor: float) -> np.ndarray:
@@ -58,9 +59,9 @@ def scale_inside(data: np.ndarray, mask: np.ndarray, factor: float) -> np.ndarra
     return out
 
 
-def enhancing_mask(case: Case, reference: Path) -> np.ndarray:
-    """The reference's enhancing tumour (bool, the reference's voxel grid), checked to lie on
-    the grid of the case's T1ce (same shape and affine)."""
+def reference_regions(case: Case, reference: Path) -> np.ndarray:
+    """The reference's WT, TC and ET masks (bool R x ..., the reference's voxel grid), checked to
+    lie on the grid of the case's T1ce (same shape and affine)."""
     import nibabel as nib
 
     ref, t1ce = nib.load(str(reference)), nib.load(str(case.images[T1CE]))
@@ -69,7 +70,7 @@ def enhancing_mask(case: Case, reference: Path) -> np.ndarray:
             f"{case.case_id}: reference {reference.name} {ref.shape} is not on the grid of {case.images[T1CE].name} {t1ce.shape}"
         )
     labels = np.asanyarray(ref.dataobj)
-    return release_to_regions(labels, case.labels)[REGION_NAMES.index("ET")].astype(bool)
+    return release_to_regions(labels, case.labels).astype(bool)
 
 
 def write_scaled_case(case: Case, et: np.ndarray, factor: float, folder: Path) -> Path:
@@ -87,17 +88,17 @@ def write_scaled_case(case: Case, et: np.ndarray, factor: float, folder: Path) -
             continue
         img = nib.load(str(image))
         data = np.asanyarray(img.dataobj)
-        nib.save(nib.Nifti1Image(scale_inside(data, et, factor), img.affine, img.header), str(target))
+        with atomic_path(target) as tmp:
+            nib.save(nib.Nifti1Image(scale_inside(data, et, factor), img.affine, img.header), str(tmp))
     return case_dir
 
 
-def score(pred_path: Path, ref_path: Path, release: str) -> dict[str, dict[str, float]]:
-    """Dice and sensitivity of WT, TC and ET (the reference's voxel grid; no reorientation:
-    ``infer`` writes in the input's geometry)."""
+def score(pred_path: Path, ref: np.ndarray, release: str) -> dict[str, dict[str, float]]:
+    """Dice and sensitivity of WT, TC and ET against ``ref`` (:func:`reference_regions`; no
+    reorientation: ``infer`` writes in the input's geometry)."""
     import nibabel as nib
 
     pred = release_to_regions(np.asanyarray(nib.load(str(pred_path)).dataobj), release)
-    ref = release_to_regions(np.asanyarray(nib.load(str(ref_path)).dataobj), release)
     return {
         region: {"dice": float(dice(pred[k], ref[k])), "sensitivity": float(sensitivity(pred[k], ref[k]))}
         for k, region in enumerate(REGION_NAMES)
@@ -147,29 +148,29 @@ def run(model: str | list[str], reals: list[Path], factors: list[float], out: Pa
                 skipped[case.case_id] = "one 4D file: no T1ce file to scale"
                 continue
             try:
-                et = enhancing_mask(case, ref)
+                regions = reference_regions(case, ref)
             except ValueError as err:
                 skipped[case.case_id] = str(err)
                 log.warning("%s", err)
                 continue
-            if not et.any():
+            if not regions[ET].any():
                 skipped[case.case_id] = "no enhancing tumour in the reference: nothing to scale"
                 continue
-            todo.append((case, ref, et))
+            todo.append((case, regions))
         for factor in factors:
             tag = f"{k}/x{factor:g}"
-            for case, _, et in todo:
-                write_scaled_case(case, et, factor, out / "input" / tag)
+            for case, regions in todo:
+                write_scaled_case(case, regions[ET], factor, out / "input" / tag)
             if not todo:
                 continue
             result = segment_cases(models, out / "input" / tag, out / "predictions" / tag, cfg, progress=False)
-            for case, ref, et in todo:
+            for case, regions in todo:
                 pred = result.written.get(case.case_id)
                 if pred is None:
                     skipped[case.case_id] = f"not segmented at x{factor:g}"
                     continue
-                entry = cases.setdefault(case.case_id, {"et_voxels": int(et.sum())})
-                entry[str(factor)] = score(pred, ref, case.labels)
+                entry = cases.setdefault(case.case_id, {"et_voxels": int(regions[ET].sum())})
+                entry[str(factor)] = score(pred, regions, case.labels)
                 log.info("%s x%g: TC %.3f ET %.3f", case.case_id, factor, entry[str(factor)]["TC"]["dice"], entry[str(factor)]["ET"]["dice"])
     cases = {cid: c for cid, c in cases.items() if all(str(f) in c for f in factors)}
     summary = {
@@ -180,8 +181,7 @@ def run(model: str | list[str], reals: list[Path], factors: list[float], out: Pa
         "cases": cases,
         "skipped": skipped,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "enhancement.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "enhancement.json", summary)
     if cases:
         plot(summary, out / "enhancement.png")
     return summary
