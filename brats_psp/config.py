@@ -75,7 +75,6 @@ class DataConfig:
     gamma_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
     noise_std: float = 0.05
     lesion_appearance: float = 0.5  # probability per slice of redrawing the lesion parts' intensities (0 = off)
-    faint_enhancement: float = 0.0  # probability per slice of pulling enhancing tumour's T1ce towards the brain (0 = off)
     bias_field: float = 0.2  # largest amplitude (z-score units) of a smooth additive field per channel (0 = off)
 
     def validate(self) -> None:
@@ -92,7 +91,6 @@ class DataConfig:
         _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", self.flip_prob, "in [0, 1]")
         _check(len(self.gamma_range) == 2 and 0 < self.gamma_range[0] <= self.gamma_range[1], "data.gamma_range", self.gamma_range, "[low, high] with 0 < low <= high")
         _check(0.0 <= self.lesion_appearance <= 1.0, "data.lesion_appearance", self.lesion_appearance, "in [0, 1]")
-        _check(0.0 <= self.faint_enhancement <= 1.0, "data.faint_enhancement", self.faint_enhancement, "in [0, 1]")
         from brats_psp.labels import TASKS
 
         _check(self.task.lower() in {"auto", *(t.lower() for t in TASKS)}, "data.task", self.task, f"auto or one of {list(TASKS)}")

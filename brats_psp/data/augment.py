@@ -44,12 +44,6 @@ lesion appearance     each lesion part (edema, non-enhancing core, enhancing  ``
                       only on slices with enhancing tumour, elsewhere with
                       the edema); enhancing tumour
                       moves both ways on T1ce (faint to strong)
-faint enhancement     on slices with enhancing tumour, its T1ce pulled        ``data.faint_enhancement``
-                      towards the mean of the brain outside the tumour on
-                      that slice, by a factor from :data:`FAINT_ENHANCEMENT`
-                      (1 = unchanged): the wall keeps its texture and stays
-                      above the brain, but may be as faint as real walls
-                      imaged thinly are (labels unchanged)
 bias field            a smooth additive field per channel, amplitude up to   0.5
                       ``data.bias_field``, inside the brain
 ====================  =====================================================  ====================
@@ -72,10 +66,6 @@ __all__ = ["BatchAugment", "affine_warp", "batch_seed"]
 #: Probabilities of the steps without a config key (MONAI's usual choices, as before).
 AFFINE_PROB, SCALE_PROB, SHIFT_PROB, GAMMA_PROB, NOISE_PROB = 0.5, 0.5, 0.5, 0.3, 0.3
 BIAS_PROB = 0.5
-
-#: The factor by which the faint-enhancement step keeps the enhancing tumour's T1ce contrast
-#: against the brain outside the tumour: uniform over this range.
-FAINT_ENHANCEMENT = (0.2, 0.9)
 
 #: Shift ranges (z-score units) of each lesion part, per contrast in MODALITIES order
 #: (T1, T1ce, T2, FLAIR). Edema may get darker only a little on FLAIR and T2 (it stays
@@ -172,8 +162,6 @@ class BatchAugment:
             image[i] += noise * cfg.noise_std
         if cfg.lesion_appearance > 0 and len(i := chosen(cfg.lesion_appearance)):
             image[i] = _lesion_appearance(image[i], label[i], g)
-        if cfg.faint_enhancement > 0 and len(i := chosen(cfg.faint_enhancement)):
-            image[i] = _faint_enhancement(image[i], label[i], uniform(*FAINT_ENHANCEMENT, len(i)))
         if cfg.bias_field > 0 and len(i := chosen(BIAS_PROB)):
             amp = uniform(0.0, cfg.bias_field, len(i), c)[..., None, None]
             field = _smooth_field(len(i), c, image.shape[-2:], g).to(image.device, image.dtype)
@@ -225,24 +213,6 @@ def _lesion_appearance(image: torch.Tensor, label: torch.Tensor, g: torch.Genera
     masks = torch.cat(list(parts.values()), 1).to(image.dtype)  # B x parts x H x W
     soft = _box3(masks) * texture  # edges softened over 3 pixels
     return torch.where(inside, image + torch.einsum("bpc,bphw->bchw", shift, soft), image)
-
-
-def _faint_enhancement(image: torch.Tensor, label: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Pull the enhancing tumour's T1ce towards the brain outside the whole tumour, per slice.
-
-    On each T1ce channel (``k % 4 == 1``) a voxel ``x`` of the enhancing tumour (edges softened
-    over 3 pixels, as in :func:`_lesion_appearance`) becomes ``b + keep * (x - b)``, ``b`` the
-    channel's mean over the slice's brain outside the tumour's 3-pixel neighbourhood; ``keep``
-    (B) is the fraction of the contrast kept. Slices without enhancing tumour are unchanged.
-    """
-    wt, et = label[:, 0:1].to(image.dtype), label[:, 2:3].to(image.dtype)
-    inside = image.abs().sum(1, keepdim=True) > 0
-    brain = inside & (_box3(wt) == 0)
-    count = brain.flatten(1).sum(1).clamp_min(1)[:, None]
-    t1ce = torch.arange(image.shape[1], device=image.device) % 4 == 1
-    mean = (image * brain).flatten(2).sum(2) / count  # B x C
-    pull = (keep.to(image.dtype) - 1)[:, None, None, None] * _box3(et) * t1ce[None, :, None, None]
-    return torch.where(inside, image + pull * (image - mean[..., None, None]), image)
 
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
