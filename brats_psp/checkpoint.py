@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from brats_psp.config import Config, config_from_dict
+from brats_psp.config import Config, ConfigError, config_from_dict
 from brats_psp.errors import CheckpointError
 from brats_psp.io import atomic_path
 
@@ -80,8 +80,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def config_of(state: dict[str, Any]) -> Config:
-    """The resolved config a checkpoint was trained with."""
-    return config_from_dict(state["config"])
+    """The resolved config a checkpoint was trained with.
+
+    Raises:
+        CheckpointError: the saved config does not fit this version of brats_psp (a key it
+            does not know or a value it refuses: a checkpoint of another version).
+    """
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as err:
+        run = f"run {state['run_id']}, " if state.get("run_id") else ""
+        raise CheckpointError(
+            f"the checkpoint ({run}format {state.get('format_version', '?')}) was saved by another version of brats_psp: {err}; "
+            "load it with the brats_psp that trained it"
+        ) from None
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:

@@ -238,6 +238,18 @@ def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "truncated.pt")
 
 
+def test_a_checkpoint_of_another_version_names_the_key_it_does_not_know() -> None:
+    from brats_psp.config import Config, config_to_dict
+
+    saved = config_to_dict(Config())
+    saved["data"]["a_newer_option"] = 0.5  # a key a later (or earlier) brats_psp wrote
+    state = {"model": {}, "config": saved, "run_id": "abc123", "format_version": 9}
+    with pytest.raises(CheckpointError, match=r"run abc123, format 9.*another version of brats_psp.*data\.a_newer_option"):
+        config_of(state)
+    saved["data"].pop("a_newer_option")
+    assert config_of(state) == Config().validate()
+
+
 def test_the_stage_steps_run_one_by_one_and_checkpoints_resolve_from_every_name(tiny_data: Path, tmp_path: Path) -> None:
     """train() is prepare_data -> start_run -> run_epoch per epoch -> finish_run; each is callable on its own,
     and resolve_checkpoint finds the run's checkpoints from a file, the run folder's name and the MLflow run ID."""
