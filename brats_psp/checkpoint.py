@@ -63,7 +63,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     Raises:
         CheckpointError: the file is missing, truncated, carries pickled objects other than
-            tensors and plain containers, or is not a brats_psp checkpoint.
+            tensors and plain containers, is not a brats_psp checkpoint, or holds a config
+            this version of brats_psp does not know (:func:`config_of`).
     """
     path = Path(path)
     if not path.is_file():
@@ -76,6 +77,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a brats_psp checkpoint (no 'model' and 'config' entries)")
+    try:
+        config_of(state)  # its saved config fits this version: refused here, where the file is known
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     return state
 
 

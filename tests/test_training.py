@@ -238,7 +238,7 @@ def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "truncated.pt")
 
 
-def test_a_checkpoint_of_another_version_names_the_key_it_does_not_know() -> None:
+def test_a_checkpoint_of_another_version_names_the_key_it_does_not_know(tmp_path: Path) -> None:
     from brats_psp.config import Config, config_to_dict
 
     saved = config_to_dict(Config())
@@ -246,6 +246,9 @@ def test_a_checkpoint_of_another_version_names_the_key_it_does_not_know() -> Non
     state = {"model": {}, "config": saved, "run_id": "abc123", "format_version": 9}
     with pytest.raises(CheckpointError, match=r"run abc123, format 9.*another version of brats_psp.*data\.a_newer_option"):
         config_of(state)
+    torch.save(state, tmp_path / "other.pt")  # loaded from a file, the error names the file too
+    with pytest.raises(CheckpointError, match=r"other\.pt: the checkpoint \(run abc123, format 9\).*data\.a_newer_option"):
+        load_checkpoint(tmp_path / "other.pt")
     saved["data"].pop("a_newer_option")
     assert config_of(state) == Config().validate()
 
