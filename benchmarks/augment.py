@@ -1,6 +1,6 @@
 """The batch augmentations' cost: milliseconds per batch, and against another commit's version.
 
-    python benchmarks/augment.py [--cases 10] [--batches 60] [--rounds 6] [--against REV] [key=value ...]
+    python benchmarks/augment.py [--cases 10] [--batches 60] [--rounds 6] [--against REV] [--beside KEY=VALUE ...] [key=value ...]
 
 Reads ``--batches`` training batches through the real loader (built-in cases, cache, sampler,
 crops), keeps them in memory, then times :class:`brats_psp.data.augment.BatchAugment` on them
@@ -8,7 +8,9 @@ crops), keeps them in memory, then times :class:`brats_psp.data.augment.BatchAug
 the ``brats_psp/data/augment.py`` of that revision is loaded beside this one, both run on the
 same batches with the same seeds, alternating in every round so drift in the machine's load hits
 both; the script checks that they give the same outputs (to 1e-4) and prints the ratio of their
-times. Prints a table and writes ``benchmarks/results/augment.json``.
+times. With ``--beside data.rerender=0.5`` (data overrides) this version with those settings is
+timed beside it the same way (the outputs differ, so only the times are compared): the cost of
+an option. Prints a table and writes ``benchmarks/results/augment.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from common import machine, section, table, write_result  # noqa: I001
 
 from brats_psp.config import load_config
 from brats_psp.data.augment import BatchAugment
-from brats_psp.data.builtin import ensure_demo_dataset
+from brats_psp.data.builtin import classes_folder_for, ensure_demo_dataset
 from brats_psp.data.cache import split_cases
 from brats_psp.data.preprocess import preprocess_dataset
 from brats_psp.runtime import setup_runtime
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", type=int, default=60, help="batches timed per round")
     ap.add_argument("--rounds", type=int, default=6, help="rounds (alternating with --against)")
     ap.add_argument("--against", help="git revision whose augment.py is timed beside this one")
+    ap.add_argument("--beside", nargs="+", metavar="KEY=VALUE", help="data overrides of a second configuration timed beside this one")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/augment.json)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
@@ -69,13 +72,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp = Path(tmp_dir)
         with section(f"{args.batches} batches from {args.cases} built-in cases"):
             raw = ensure_demo_dataset(cfg.data)
-            preprocess_dataset(raw, tmp / "cache", cfg.data, progress=False)
+            preprocess_dataset(raw, tmp / "cache", cfg.data, progress=False, classes_dir=classes_folder_for(raw))
             train_dirs, _ = split_cases(tmp / "cache", cfg.data.fold)
             cfg.train.slices_per_epoch = args.batches * cfg.train.batch_size
+            beside = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides, *(args.beside or [])])
+            if args.beside:  # the loader carries the class maps when either configuration draws from them
+                cfg.data.rerender, rerender = max(cfg.data.rerender, beside.data.rerender), cfg.data.rerender
             loader = build_train_loader(cfg, train_dirs, runtime)
+            if args.beside:
+                cfg.data.rerender = rerender
             seed_loader_epoch(loader, 0, cfg, runtime)
             batches = [to_device(b, runtime) for b in loader]  # float32 on the device, as train_step sees them
         versions = {"this": BatchAugment(cfg.data)}
+        if args.beside:
+            versions[" ".join(args.beside)] = BatchAugment(beside.data)
         if args.against:
             versions[args.against] = module_at(args.against, tmp).BatchAugment(cfg.data)
             with section(f"same outputs as {args.against}"):
@@ -105,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["against"] = args.against
         result["ratio_against_over_this"] = mean[args.against] / mean["this"]
         rows.append([f"ratio {args.against} / this", result["ratio_against_over_this"], "(> 1: this is faster)"])
+    if args.beside:
+        name = " ".join(args.beside)
+        result["beside"] = args.beside
+        result["ratio_beside_over_this"] = mean[name] / mean["this"]
+        rows.append([f"ratio {name} / this", result["ratio_beside_over_this"], "(> 1: the option costs)"])
     print()
     print(table(rows, ["measurement", "value", "unit"]))
     write_result("augment", result, args.out)

@@ -76,6 +76,7 @@ class DataConfig:
     noise_std: float = 0.05
     lesion_appearance: float = 0.5  # probability per slice of redrawing the lesion parts' intensities (0 = off)
     bias_field: float = 0.2  # largest amplitude (z-score units) of a smooth additive field per channel (0 = off)
+    rerender: float = 0.0  # probability per slice of drawing new contrasts from the stored class map (built-in set; 0 = off)
 
     def validate(self) -> None:
         _check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", self.spacing, "3 positive numbers (mm)")
@@ -91,6 +92,7 @@ class DataConfig:
         _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", self.flip_prob, "in [0, 1]")
         _check(len(self.gamma_range) == 2 and 0 < self.gamma_range[0] <= self.gamma_range[1], "data.gamma_range", self.gamma_range, "[low, high] with 0 < low <= high")
         _check(0.0 <= self.lesion_appearance <= 1.0, "data.lesion_appearance", self.lesion_appearance, "in [0, 1]")
+        _check(0.0 <= self.rerender <= 1.0, "data.rerender", self.rerender, "in [0, 1]")
         from brats_psp.labels import TASKS
 
         _check(self.task.lower() in {"auto", *(t.lower() for t in TASKS)}, "data.task", self.task, f"auto or one of {list(TASKS)}")

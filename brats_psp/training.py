@@ -355,7 +355,10 @@ def build_train_loader(cfg: Config, train_dirs: list[Path], runtime: Runtime) ->
     trains, ``prefetch_factor`` batches ahead each; batches are pinned for a GPU.
     """
     workers = loader_workers(cfg.train.num_workers, runtime)
-    dataset = SliceDataset(train_dirs, cfg.data.context_slices, slice_transforms(cfg.data, train=True), cfg.data.planes, compact=True)
+    dataset = SliceDataset(
+        train_dirs, cfg.data.context_slices, slice_transforms(cfg.data, train=True), cfg.data.planes, compact=True,
+        classes=cfg.data.augment and cfg.data.rerender > 0,
+    )
     sampler = TumourRatioSampler(
         dataset.has_tumour, cfg.train.slices_per_epoch, cfg.data.tumour_ratio, cfg.train.seed, runtime.rank, runtime.world_size
     )

@@ -44,10 +44,11 @@ def test_training_and_augment_benchmarks_run(tmp_path: Path) -> None:
     if (REPO / ".git").exists():
         out = tmp_path / "augment.json"
         _run("augment.py", "--config", "configs/smoke.yaml", "--cases", "4", "--batches", "2", "--rounds", "1",
-             "--against", "HEAD", "--out", str(out), f"data.cache_dir={tmp_path / 'cache'}")
+             "--against", "HEAD", "--beside", "data.rerender=1.0", "--out", str(out), f"data.cache_dir={tmp_path / 'cache'}")
         result = json.loads(out.read_text())
         assert result["against"] == "HEAD" and result["ratio_against_over_this"] > 0
         assert len(result["ms_per_batch"]["this"]) == 1 and result["ms_per_batch"]["HEAD"][0] > 0
+        assert result["beside"] == ["data.rerender=1.0"] and result["ms_per_batch"]["data.rerender=1.0"][0] > 0
 
 
 @pytest.mark.slow

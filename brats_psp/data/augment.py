@@ -29,7 +29,9 @@ shift on the whole batch and plain-pass statistics (the same outputs to 1e-4) ta
 12 × 128 × 128 slices (2.5D) 39.1 ms on both cores, against 59.6 ms for the per-step gathers
 and ``F.interpolate`` of 857031b: 1.53× (``benchmarks/augment.py --against 857031b``).
 
-Two steps that MONAI has no transform for come last, both for transfer to real scans (the
+With ``data.rerender`` > 0, that share of the slices first gets new contrasts drawn from its
+stored appearance-class map (:mod:`brats_psp.data.rerender`, built-in cases only), and the
+steps above and below apply to them. Two steps that MONAI has no transform for come last, both for transfer to real scans (the
 SynthSeg lesson: appearance randomised per sample, far wider than real scans vary):
 
 ====================  =====================================================  ====================
@@ -60,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from brats_psp.config import DataConfig
+from brats_psp.data.rerender import rerender
 
 __all__ = ["BatchAugment", "affine_warp", "batch_seed"]
 
@@ -131,6 +134,10 @@ class BatchAugment:
             return (low + (high - low) * torch.rand(*shape, generator=g, dtype=torch.float64)).to(image.device, image.dtype)
 
         image, label = image.clone(), label.clone()
+        if cfg.rerender > 0 and "classes" in batch and len(i := chosen(cfg.rerender)):  # first: the rest applies to the new image
+            i = i[batch["class_voxels"][i].sum(1) > 0]  # slices of a case without a class map keep their contrasts
+            if len(i):
+                image[i] = rerender(batch["classes"][i], batch["class_voxels"][i], g).to(image.dtype)
         if cfg.flip_prob > 0:  # along H, then along W; a slice chosen for both is flipped once along both
             dims: list[list[int]] = [[] for _ in range(b)]
             for dim in (-2, -1):

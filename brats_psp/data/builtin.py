@@ -16,7 +16,7 @@ from brats_psp.config import DataConfig
 from brats_psp.cpus import default_workers
 from brats_psp.data.transforms import preprocessing_params
 
-__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for", "resolve_data_source"]
+__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for", "classes_folder_for", "resolve_data_source"]
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,28 @@ _DONE = ".complete"
 
 
 def ensure_demo_dataset(cfg: DataConfig) -> Path:
-    """Folder of the built-in synthetic set for ``cfg`` (generated if missing or incomplete)."""
+    """Folder of the built-in synthetic set for ``cfg`` (generated if missing or incomplete).
+
+    Its cases' appearance-class maps go beside it (:func:`classes_folder_for`).
+    """
     from brats_psp.data.synthetic import GENERATOR_VERSION, write_dataset
 
     raw = Path(cfg.cache_dir) / f"demo-v{GENERATOR_VERSION}-seed{cfg.demo_seed}-n{cfg.demo_cases}" / "raw"
-    if not (raw / _DONE).is_file():
+    classes = classes_folder_for(raw)
+    if not ((raw / _DONE).is_file() and (classes / _DONE).is_file()):
         log.info("generating the built-in synthetic set (%d cases, seed %d) in %s", cfg.demo_cases, cfg.demo_seed, raw)
-        write_dataset(raw, cfg.demo_cases, seed=cfg.demo_seed, fmt="brats2021", progress=True, workers=default_workers())
-        (raw / _DONE).write_text(json.dumps({"cases": cfg.demo_cases, "seed": cfg.demo_seed}))
+        write_dataset(raw, cfg.demo_cases, seed=cfg.demo_seed, fmt="brats2021", progress=True, workers=default_workers(), classes_dir=classes)
+        done = json.dumps({"cases": cfg.demo_cases, "seed": cfg.demo_seed})
+        classes.mkdir(parents=True, exist_ok=True)
+        (classes / _DONE).write_text(done)
+        (raw / _DONE).write_text(done)
     return raw
+
+
+def classes_folder_for(raw: Path) -> Path:
+    """Where the appearance-class maps of the built-in set in ``raw`` are (beside it, outside
+    the release layout)."""
+    return Path(raw).parent / "classes"
 
 
 def cache_folder_for(data: Path, cfg: DataConfig) -> Path:
@@ -57,7 +70,9 @@ def ensure_training_cache(cfg: DataConfig, data: str | Path | None = None, progr
 
     source = resolve_data_source(cfg, data)
     out = cache_folder_for(source, cfg)
-    result = preprocess_dataset(source, out, cfg, progress=progress, workers=0)
+    classes = classes_folder_for(source)
+    classes_dir = classes if (classes / _DONE).is_file() else None
+    result = preprocess_dataset(source, out, cfg, progress=progress, workers=0, classes_dir=classes_dir)
     if result.failures:
         log.warning("%d case(s) could not be preprocessed and are left out:", len(result.failures))
         for err in result.failures:

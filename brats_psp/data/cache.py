@@ -38,6 +38,7 @@ __all__ = [
     "CACHE_VERSION",
     "IMAGE_FILE",
     "LABEL_FILE",
+    "CLASSES_FILE",
     "META_FILE",
     "DATALIST_FILE",
     "SUMMARY_FILE",
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 #: Bumped whenever the cache format or the transforms change meaning.
 CACHE_VERSION = 1
 IMAGE_FILE, LABEL_FILE, META_FILE = "image.npy", "label.npy", "meta.json"
+#: A synthetic case's appearance-class map (uint8, Z first), when the cache was built with one.
+CLASSES_FILE = "classes.npy"
 DATALIST_FILE, SUMMARY_FILE = "datalist.json", "summary.json"
 
 
@@ -78,10 +81,11 @@ def _sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(case: Case, params: dict[str, Any]) -> str:
+def fingerprint(case: Case, params: dict[str, Any], classes: Path | None = None) -> str:
     """What an entry of ``case`` was built from: the source files (resolved path, size,
-    modification time), the preprocessing parameters, the layout and :data:`CACHE_VERSION`."""
-    sources = [*case.images, *([case.label] if case.label else [])]
+    modification time; the appearance-class map's too when given), the preprocessing
+    parameters, the layout and :data:`CACHE_VERSION`."""
+    sources = [*case.images, *([case.label] if case.label else []), *([classes] if classes else [])]
     parts = [f"v{CACHE_VERSION}", json.dumps(params, sort_keys=True), case.layout]
     if case.labels != case.layout:  # a task's own convention (entries of the layout's keep their fingerprint)
         parts.append(case.labels)
@@ -110,12 +114,22 @@ def load_entry_meta(case_dir: Path, verify: bool = True) -> dict[str, Any] | Non
     return meta
 
 
-def write_entry(out_dir: Path, case: Case, image: np.ndarray, tissue: np.ndarray | None, meta: dict[str, Any]) -> dict[str, Any]:
+def write_entry(
+    out_dir: Path,
+    case: Case,
+    image: np.ndarray,
+    tissue: np.ndarray | None,
+    meta: dict[str, Any],
+    classes: np.ndarray | None = None,
+    classes_source: Path | None = None,
+) -> dict[str, Any]:
     """Write ``case``'s entry atomically and return its full metadata.
 
     Args:
         image: float (4, X, Y, Z) preprocessed contrasts (stored float16, Z first).
         tissue: uint8 (X, Y, Z) tissue codes, or ``None`` for an unlabelled case.
+        classes: uint8 (X, Y, Z) appearance-class codes of a synthetic case (read from
+            ``classes_source``), or ``None``; stored with each code's voxel count.
         meta: what the preprocessing knows (shapes, spacing, crop, affine, params); the
             version, fingerprint, region presence and file checksums are added here.
     """
@@ -129,7 +143,7 @@ def write_entry(out_dir: Path, case: Case, image: np.ndarray, tissue: np.ndarray
             "case_id": case.case_id,
             "layout": case.layout,
             "source": case.to_json(),
-            "fingerprint": fingerprint(case, meta["params"]),
+            "fingerprint": fingerprint(case, meta["params"], classes_source),
             **meta,
             "has_label": tissue is not None,
         }
@@ -138,6 +152,9 @@ def write_entry(out_dir: Path, case: Case, image: np.ndarray, tissue: np.ndarray
             regions = tissue_to_regions(tissue)
             meta["presence"] = region_presence(regions).tolist()  # (Z, 3)
             meta["region_voxels"] = {r: int(regions[i].sum()) for i, r in enumerate(REGION_NAMES)}
+        if classes is not None:
+            save_npy(tmp / CLASSES_FILE, np.ascontiguousarray(classes.transpose(2, 0, 1), dtype=np.uint8))
+            meta["class_voxels"] = np.bincount(classes.ravel()).tolist()  # by code
         meta["files"] = {p.name: {"size": p.stat().st_size, "sha1": _sha1(p)} for p in sorted(tmp.glob("*.npy"))}
         write_json(tmp / META_FILE, meta)
         if final.exists():
@@ -164,9 +181,10 @@ class CachedVolume:
         self.num_slices: int = int(self.meta["shape"][2])
         self._image: np.ndarray | None = None
         self._label: np.ndarray | None = None
+        self._classes: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_image": None, "_label": None}
+        return {**self.__dict__, "_image": None, "_label": None, "_classes": None}
 
     @property
     def image(self) -> np.ndarray:
@@ -181,6 +199,18 @@ class CachedVolume:
         if self._label is None:
             self._label = np.load(self.case_dir / LABEL_FILE, mmap_mode="r")
         return self._label
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the entry holds an appearance-class map (built-in synthetic cases)."""
+        return "class_voxels" in self.meta
+
+    @property
+    def classes(self) -> np.ndarray:
+        """uint8 (Z, X, Y) appearance-class codes, memory map (see :attr:`has_classes`)."""
+        if self._classes is None:
+            self._classes = np.load(self.case_dir / CLASSES_FILE, mmap_mode="r")
+        return self._classes
 
     @property
     def presence(self) -> np.ndarray:
@@ -204,6 +234,15 @@ class CachedVolume:
         else:  # sagittal: (Z, C, k, Y) -> (k, C, Y, Z)
             slab = np.asarray(self.image[:, :, idx, :], dtype=dtype).transpose(2, 1, 3, 0)
         return np.ascontiguousarray(slab).reshape(-1, *slab.shape[2:])
+
+    def classes_slab(self, i: int, context: int, axis: int = 2) -> np.ndarray:
+        """uint8 (2k+1, A, B): the appearance-class codes of the slices of :meth:`slab`."""
+        idx = np.clip(np.arange(i - context, i + context + 1), 0, self.length(axis) - 1)
+        if axis == 2:
+            return np.array(self.classes[idx])
+        if axis == 1:  # (Z, X, k) -> (k, X, Z)
+            return np.ascontiguousarray(np.asarray(self.classes[:, :, idx]).transpose(2, 1, 0))
+        return np.ascontiguousarray(np.asarray(self.classes[:, idx, :]).transpose(1, 2, 0))  # (Z, k, Y) -> (k, Y, Z)
 
     def label_slice(self, i: int, axis: int = 2) -> np.ndarray:
         """uint8 (A, B) tissue codes of slice ``i`` along spatial ``axis``."""

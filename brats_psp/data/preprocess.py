@@ -38,6 +38,7 @@ from brats_psp.data.cache import (
     write_entry,
 )
 from brats_psp.data.discovery import Case, discover_cases
+from brats_psp.data.release import classes_path
 from brats_psp.data.transforms import apply_transforms, preprocessing_params, volume_transforms
 from brats_psp.errors import CaseError
 from brats_psp.io import ensure_writable_dir, write_json
@@ -59,15 +60,21 @@ class PreprocessResult:
     failures: list[CaseError] = field(default_factory=list)
 
 
-def preprocess_case(case: Case, out_dir: Path, data_cfg: DataConfig, params: dict[str, Any] | None = None) -> dict[str, Any]:
+def preprocess_case(
+    case: Case, out_dir: Path, data_cfg: DataConfig, params: dict[str, Any] | None = None, classes: Path | None = None
+) -> dict[str, Any]:
     """Run the volume transforms on ``case`` and write its cache entry; return its metadata.
+
+    ``classes``: a synthetic case's appearance-class map (NIfTI), cropped and resampled with
+    the label and stored in the entry (for :mod:`brats_psp.data.rerender`).
 
     Raises:
         CaseError: anything wrong with the case's files (named in the message).
     """
     params = params or preprocessing_params(data_cfg.spacing, data_cfg.intensity_percentiles)
     with_label = case.label is not None
-    data = apply_transforms(volume_transforms(data_cfg.spacing, with_label=with_label, percentiles=data_cfg.intensity_percentiles), {"case": case})
+    chain = volume_transforms(data_cfg.spacing, with_label=with_label, percentiles=data_cfg.intensity_percentiles, with_classes=classes is not None)
+    data = apply_transforms(chain, {"case": case, **({"class_map_file": classes} if classes is not None else {})})
     image = data["image"].numpy()  # (4, X, Y, Z)
     if not np.all(np.isfinite(image)):
         raise CaseError(case.case_id, case.images[0], "normalisation produced non-finite values (constant contrast?)")
@@ -81,19 +88,22 @@ def preprocess_case(case: Case, out_dir: Path, data_cfg: DataConfig, params: dic
         "crop_padding": [int(v) for v in np.asarray(crop_op["extra_info"]["cropped"]).ravel()],
         "affine": np.asarray(data["image"].affine).tolist(),
     }
-    return write_entry(out_dir, case, image, tissue, meta)
+    class_map = data["classes"].numpy()[0].astype(np.uint8) if classes is not None else None
+    return write_entry(out_dir, case, image, tissue, meta, class_map, classes)
 
 
 def _cache_entry(
-    case: Case, out_dir: Path, data_cfg: DataConfig, params: dict[str, Any]
+    case: Case, out_dir: Path, data_cfg: DataConfig, params: dict[str, Any], classes_dir: Path | None = None
 ) -> tuple[bool, dict[str, Any]] | CaseError:
     """``(reused, meta)`` of ``case``'s cache entry, written when missing or stale, or the
     CaseError that stopped it (one worker's job: the error comes back as a value, by name)."""
     try:
+        classes = classes_path(case.case_id, classes_dir) if classes_dir is not None else None
+        classes = classes if classes is not None and classes.is_file() else None
         meta = load_entry_meta(entry_dir(out_dir, case.case_id))
-        if meta is not None and meta.get("fingerprint") == fingerprint(case, params):
+        if meta is not None and meta.get("fingerprint") == fingerprint(case, params, classes):
             return True, meta
-        return False, preprocess_case(case, out_dir, data_cfg, params)
+        return False, preprocess_case(case, out_dir, data_cfg, params, classes)
     except CaseError as err:
         return err
 
@@ -122,6 +132,7 @@ def preprocess_dataset(
     progress: bool = True,
     on_case: Callable[[str], None] | None = None,
     workers: int = 1,
+    classes_dir: str | os.PathLike | None = None,
 ) -> PreprocessResult:
     """Preprocess every case under ``data`` into the cache ``out``.
 
@@ -129,7 +140,9 @@ def preprocess_dataset(
     Running it again on unchanged inputs reuses every entry. ``workers`` > 1 preprocesses
     that many cases at a time in worker processes (spawned, one torch thread each, about
     1 GB of memory each for a BraTS case); the cache is the same as with one worker.
-    ``workers=0`` picks the number (:func:`auto_workers`).
+    ``workers=0`` picks the number (:func:`auto_workers`). ``classes_dir``: where the built-in
+    set's appearance-class maps are (:func:`~brats_psp.data.release.classes_path`); each
+    case's is stored in its entry when it is there.
     """
     data_cfg = data_cfg or DataConfig()
     out_dir = ensure_writable_dir(out)  # before any case is read: an unwritable cache fails at once, by name
@@ -138,7 +151,9 @@ def preprocess_dataset(
     result = PreprocessResult(out_dir, out_dir / DATALIST_FILE, out_dir / SUMMARY_FILE, failures=list(found.failures))
     metas: list[dict[str, Any]] = []
 
-    job = functools.partial(_cache_entry, out_dir=out_dir, data_cfg=data_cfg, params=params)
+    job = functools.partial(
+        _cache_entry, out_dir=out_dir, data_cfg=data_cfg, params=params, classes_dir=Path(classes_dir) if classes_dir is not None else None
+    )
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: automatic), got {workers}")
     workers = auto_workers(len(found.cases)) if workers == 0 else max(1, min(workers, len(found.cases)))

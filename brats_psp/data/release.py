@@ -31,7 +31,7 @@ from brats_psp.labels import tissue_to_release
 if TYPE_CHECKING:
     from brats_psp.data.synthetic import SyntheticCase
 
-__all__ = ["FORMATS", "case_paths", "write_case", "write_dataset"]
+__all__ = ["FORMATS", "case_paths", "classes_path", "write_case", "write_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ def case_paths(case_id: str, out_dir: str | Path, fmt: str = "brats2021", with_l
         return paths
     names = list(MODALITIES) + (["seg"] if with_label else [])
     return [out_dir / case_id / layout.filename(case_id, m) for m in names]
+
+
+def classes_path(case_id: str, classes_dir: str | Path) -> Path:
+    """Where :func:`write_dataset` writes ``case_id``'s appearance-class map (uint8 NIfTI of
+    :data:`~brats_psp.data.synthetic.appearance.CLASS_NAMES` codes): outside the release
+    layout, so that discovery never sees it."""
+    return Path(classes_dir) / f"{case_id}.nii.gz"
 
 
 def write_case(case: SyntheticCase, out_dir: Path, fmt: str = "brats2021", with_label: bool = True) -> list[Path]:
@@ -102,12 +109,14 @@ def _msd_dataset_json(case_ids: list[str]) -> dict[str, Any]:
     }
 
 
-def _write_one(index: int, seed: int, fmt: str, out_dir: Path) -> str:
+def _write_one(index: int, seed: int, fmt: str, out_dir: Path, classes_dir: Path | None = None) -> str:
     """Generate and write case ``index`` (the job of one worker process)."""
     from brats_psp.data import synthetic
 
     case = synthetic.generate_case(index, seed=seed, fmt=fmt)
     write_case(case, out_dir, fmt)
+    if classes_dir is not None and case.classes is not None:
+        save_nifti(classes_path(case.case_id, classes_dir), case.classes, case.affine, dtype=np.uint8)
     return case.case_id
 
 
@@ -137,6 +146,7 @@ def write_dataset(
     fmt: str = "brats2021",
     progress: bool = False,
     workers: int = 1,
+    classes_dir: str | Path | None = None,
 ) -> list[str]:
     """Write cases ``0 .. n_cases - 1`` of the synthetic dataset ``seed`` in layout ``fmt``.
 
@@ -146,6 +156,8 @@ def write_dataset(
     Shows a tqdm progress bar when ``progress`` is true. ``workers`` > 1 generates cases
     in that many processes (spawned, one BLAS thread each; about 0.9 GB of memory each);
     every case is the same as with one worker, since each has its own random generator.
+    With ``classes_dir`` each case's appearance-class map is written there too
+    (:func:`classes_path`), for drawing new contrasts per training batch.
 
     Returns:
         the case ids, in index order.
@@ -157,11 +169,17 @@ def write_dataset(
     _layout(fmt)
     out_dir = Path(out_dir)
     case_ids = [synthetic.case_id_for(i, fmt) for i in range(n_cases)]
-    todo = [i for i, cid in enumerate(case_ids) if not all(p.is_file() for p in case_paths(cid, out_dir, fmt))]
+    classes_dir = Path(classes_dir) if classes_dir is not None else None
+
+    def written(cid: str) -> bool:
+        extra = [classes_path(cid, classes_dir)] if classes_dir is not None else []
+        return all(p.is_file() for p in case_paths(cid, out_dir, fmt) + extra)
+
+    todo = [i for i, cid in enumerate(case_ids) if not written(cid)]
     if len(todo) < n_cases:
         logger.info("%d of %d synthetic cases already in %s", n_cases - len(todo), n_cases, out_dir)
     t0 = time.perf_counter()
-    job = functools.partial(_write_one, seed=seed, fmt=fmt, out_dir=out_dir)
+    job = functools.partial(_write_one, seed=seed, fmt=fmt, out_dir=out_dir, classes_dir=classes_dir)
     workers = max(1, min(workers, len(todo)))
     with contextlib.ExitStack() as stack:
         if workers == 1:

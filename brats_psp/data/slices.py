@@ -19,6 +19,7 @@ A sample is ``{"image": float32 (4·(2k+1), H, W), "label": float32 (3, H, W) re
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,7 +42,13 @@ from torch.utils.data import Dataset, Sampler
 from brats_psp.config import DataConfig
 from brats_psp.data.cache import CachedVolume
 from brats_psp.data.geometry import PLANE_AXES, centre_pad
+from brats_psp.data.synthetic.appearance import CLASS_NAMES
 from brats_psp.labels import REGION_NAMES, tissue_to_regions
+
+log = logging.getLogger(__name__)
+
+#: Length of a sample's ``class_voxels`` (one count per appearance-class code).
+CLASS_CODES = len(CLASS_NAMES)
 
 __all__ = ["SliceDataset", "TumourRatioSampler", "PadToSize", "PadToSized", "random_states", "reseed", "slice_transforms"]
 
@@ -81,8 +88,8 @@ class PadToSize(Transform):
 class PadToSized(MapTransform):
     """Dictionary twin of :class:`PadToSize` over ``keys``."""
 
-    def __init__(self, keys: str | Sequence[str], size: Sequence[int]) -> None:
-        super().__init__(keys)
+    def __init__(self, keys: str | Sequence[str], size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
         self.pad = PadToSize(size)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -99,13 +106,13 @@ def slice_transforms(cfg: DataConfig, train: bool) -> Compose:
     false``) at the centre. The training augmentations (flips, rotation and scaling, intensity
     scale and shift, gamma, noise) run on whole batches: :class:`brats_psp.data.augment.BatchAugment`.
     """
-    keys = ["image", "label"]
+    keys = ["image", "label", "classes"]  # classes: only in samples that carry an appearance-class map
     size = tuple(cfg.slice_size)
-    steps: list[Any] = [PadToSized(keys=keys, size=size)]
+    steps: list[Any] = [PadToSized(keys=keys, size=size, allow_missing_keys=True)]
     if not train or not cfg.augment:
-        steps.append(CenterSpatialCropd(keys=keys, roi_size=size))
+        steps.append(CenterSpatialCropd(keys=keys, roi_size=size, allow_missing_keys=True))
     else:
-        steps.append(RandSpatialCropd(keys=keys, roi_size=size, random_size=False))
+        steps.append(RandSpatialCropd(keys=keys, roi_size=size, random_size=False, allow_missing_keys=True))
     return Compose(steps)
 
 
@@ -171,10 +178,18 @@ class SliceDataset(Dataset):
         transform: Compose | None = None,
         planes: Sequence[str] = ("axial",),
         compact: bool = False,
+        classes: bool = False,
     ) -> None:
         self.volumes = [CachedVolume(d) for d in case_dirs]
         self.context = context_slices
         self.compact = compact
+        self.classes = classes
+        if classes and (missing := [v.case_id for v in self.volumes if not v.has_classes]):
+            log.warning(
+                "%d of %d case(s) have no appearance-class map (only the built-in set has one), e.g. %s: "
+                "their slices keep their own contrasts",
+                len(missing), len(self.volumes), missing[0],
+            )
         self.transform = transform
         self.axes = [PLANE_AXES[p] for p in planes]
         rows = [(v, a, i) for v, vol in enumerate(self.volumes) for a in self.axes for i in range(vol.length(a))]
@@ -204,12 +219,20 @@ class SliceDataset(Dataset):
             "image": torch.from_numpy(vol.slab(z, self.context, axis, dtype=np.float16 if self.compact else np.float32)),
             "label": torch.from_numpy(tissue_to_regions(vol.label_slice(z, axis))).to(label_dtype),
         }
+        if self.classes:
+            codes = vol.classes_slab(z, self.context, axis) if vol.has_classes else np.zeros((2 * self.context + 1, *sample["label"].shape[1:]), np.uint8)
+            sample["classes"] = torch.from_numpy(codes)
         if self.transform is not None:
             with _plain_tensors():
                 sample = self.transform(sample)
         image = torch.as_tensor(sample["image"], dtype=image_dtype).contiguous()
         label = torch.as_tensor(sample["label"], dtype=label_dtype).contiguous()
+        extra = {}
+        if self.classes:
+            extra["classes"] = torch.as_tensor(sample["classes"], dtype=torch.uint8).contiguous().as_subclass(torch.Tensor)
+            extra["class_voxels"] = torch.tensor(vol.meta.get("class_voxels", [0]) + [0] * CLASS_CODES, dtype=torch.int64)[:CLASS_CODES]
         return {
+            **extra,
             "image": image.as_subclass(torch.Tensor),
             "label": label.as_subclass(torch.Tensor),
             "presence": label.flatten(1).amax(dim=1).as_subclass(torch.Tensor),

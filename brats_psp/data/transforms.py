@@ -3,6 +3,7 @@
 The chain (:func:`volume_transforms`)::
 
     LoadBratsCased        four contrasts -> image (4, X, Y, Z) in MODALITIES order, label -> tissue codes (1, X, Y, Z)
+    LoadClassesd          optional: a synthetic case's appearance-class map -> classes (1, X, Y, Z)
     Orientationd          one canonical orientation (RAS)
     CropForegroundd       crop to the bounding box of the brain (voxels non-zero in any contrast)
     RequireBraind         refuse a case with fewer than MIN_BRAIN_VOXELS brain voxels (a CaseError)
@@ -51,6 +52,7 @@ __all__ = [
     "AXCODES",
     "LoadBratsCase",
     "LoadBratsCased",
+    "LoadClassesd",
     "RequireBrain",
     "RequireBraind",
     "ClipPercentiles",
@@ -353,16 +355,45 @@ class ClipPercentilesd(MapTransform):
 MIN_BRAIN_VOXELS = 1000
 
 
+class LoadClassesd(MapTransform):
+    """``{"case": Case, "class_map_file": Path}`` -> adds ``"classes"``: the uint8 (1, X, Y, Z)
+    appearance-class map of a synthetic case (:func:`brats_psp.data.release.classes_path`),
+    with the image's metadata, so that the spatial transforms after it move it as the label."""
+
+    def __init__(self, path_key: str = "class_map_file", case_key: str = "case") -> None:
+        super().__init__(keys=[path_key])
+        self.path_key, self.case_key = path_key, case_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        case, path, image = d[self.case_key], Path(d.pop(self.path_key)), d["image"]
+        img, values = read_nifti(case.case_id, path)
+        if values.shape != tuple(image.shape[1:]):
+            raise CaseError(case.case_id, path, f"class map shape {values.shape} differs from image shape {tuple(image.shape[1:])}")
+        if values.min() < 0 or values.max() > 255:
+            raise CaseError(case.case_id, path, f"class map values {values.min():g}..{values.max():g} are not uint8 codes")
+        d["classes"] = MetaTensor(torch.from_numpy(values.astype(np.uint8)[None]), meta=dict(image.meta))
+        return d
+
+
 def volume_transforms(
-    spacing: Sequence[float] = (1.0, 1.0, 1.0), with_label: bool = True, margin: int = 0, percentiles: Sequence[float] | None = None
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    with_label: bool = True,
+    margin: int = 0,
+    percentiles: Sequence[float] | None = None,
+    with_classes: bool = False,
 ) -> Compose:
     """The volume chain from a ``{"case": Case}`` dict to a cropped, normalised image (and label);
-    with ``percentiles`` (``data.intensity_percentiles``), each contrast clipped to them first."""
+    with ``percentiles`` (``data.intensity_percentiles``), each contrast clipped to them first;
+    ``with_classes``: ``{"case", "class_map_file"}`` in, the class map moved with the label."""
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    if with_classes:
+        keys, modes = [*keys, "classes"], [*modes, "nearest"]
     return Compose(
         [
             LoadBratsCased(with_label=with_label),
+            *([LoadClassesd()] if with_classes else []),
             Orientationd(keys=keys, axcodes=AXCODES, labels=_AXIS_LABELS, allow_missing_keys=True),
             # crop before resampling: both directions of the resampling (here and its inverse
             # at inference) then touch the brain's box only, about 40 % of a BraTS volume. The

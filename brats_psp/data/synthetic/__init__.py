@@ -26,9 +26,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from brats_psp.data.layouts import LAYOUTS
-from brats_psp.data.release import case_paths, write_case, write_dataset
+from brats_psp.data.release import case_paths, classes_path, write_case, write_dataset
 from brats_psp.data.synthetic.anatomy import STRUCTURES, Anatomy, load_template, random_geometry, warp_anatomy
-from brats_psp.data.synthetic.appearance import draw_appearance, render, skull_strip_errors
+from brats_psp.data.synthetic.appearance import class_map, draw_appearance, render, skull_strip_errors
 from brats_psp.data.synthetic.grid import BRATS_AFFINE, BRATS_SHAPE, smooth_noise
 from brats_psp.data.synthetic.lesion import LESION_CLASSES, LesionPlan, draw_lesion, plan_lesions
 from brats_psp.labels import Tissue
@@ -43,6 +43,7 @@ __all__ = [
     "write_case",
     "write_dataset",
     "case_paths",
+    "classes_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class SyntheticCase:
             (0 background, 1 NCR, 2 ED, 3 ET; :class:`brats_psp.labels.Tissue`).
         affine: 4 x 4 float64 voxel -> world (mm) affine (``BRATS_AFFINE``).
         lesions: the plans of the case's lesions (kind, core, site, size), for inspection.
+        classes: uint8 array of shape ``BRATS_SHAPE``: the appearance class each voxel was
+            drawn as (:data:`~brats_psp.data.synthetic.appearance.CLASS_NAMES`).
     """
 
     case_id: str
@@ -76,6 +79,7 @@ class SyntheticCase:
     tissue: np.ndarray
     affine: np.ndarray
     lesions: tuple[LesionPlan, ...] = ()
+    classes: np.ndarray | None = None
 
 
 def case_id_for(index: int, fmt: str) -> str:
@@ -177,6 +181,7 @@ def _generate_case(index: int, seed: int = 0, fmt: str = "brats2021") -> Synthet
     structures = {"rim": rim.astype(np.float32), **{k: anatomy.structures[k] for k in STRUCTURES}}
     fractions = {"csf": anatomy.csf, "gm": anatomy.gm, "wm": anatomy.wm}
     box_images = render(rng, app, fractions, [structures, weights], texture, mask)
+    classes = anatomy.full(class_map(fractions, [structures, weights], mask, rank > 0))
 
     images = {m: anatomy.full(img) for m, img in box_images.items()}
     tissue = anatomy.full(_FROM_RANK[rank])
@@ -189,4 +194,4 @@ def _generate_case(index: int, seed: int = 0, fmt: str = "brats2021") -> Synthet
         t_les - t_anat,
         t_end - t_les,
     )
-    return SyntheticCase(case_id=case_id, images=images, tissue=tissue, affine=BRATS_AFFINE.copy(), lesions=tuple(plans))
+    return SyntheticCase(case_id=case_id, images=images, tissue=tissue, affine=BRATS_AFFINE.copy(), lesions=tuple(plans), classes=classes)

@@ -47,7 +47,7 @@ from scipy import ndimage as ndi
 from brats_psp.data.layouts import MODALITIES
 from brats_psp.data.synthetic.grid import smooth_noise
 
-__all__ = ["INTENSITY_RANGES", "BASE_SCALE", "Appearance", "draw_appearance", "render"]
+__all__ = ["INTENSITY_RANGES", "BASE_SCALE", "CLASS_NAMES", "Appearance", "draw_appearance", "render", "class_map"]
 
 #: (low, high) of each class's intensity per contrast, relative to white matter = 1.
 #: T1ce: the non-enhancing classes take their T1 value x U(0.9, 1.15) (see draw_appearance).
@@ -76,6 +76,13 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     },
 }
 _ENHANCING = ("vessel", "sinus", "choroid", "dura")
+
+#: Codes of a case's appearance-class map (:func:`class_map`): what each voxel is drawn as.
+#: 0 is outside the skull strip; the lesion classes come last.
+CLASS_NAMES: tuple[str, ...] = (
+    "background", "csf", "gm", "wm", "wmh", "vessel", "sinus", "choroid", "dura", "rim",
+    "ed", "et", "ncr", "cyst", "haem", "net",
+)
 
 #: Probability that a case's necrosis has edema's intensities (x 0.9-1.1) on every contrast.
 NECROSIS_MIMICS_EDEMA = 0.35
@@ -250,3 +257,29 @@ def render(
         out[~mask] = 0
         images[modality] = out.astype(np.int16)
     return images
+
+
+def class_map(
+    fractions: dict[str, np.ndarray], overlays: list[dict[str, np.ndarray]], mask: np.ndarray, lesion: np.ndarray
+) -> np.ndarray:
+    """uint8 map of :data:`CLASS_NAMES` codes: the class each voxel is mostly drawn as.
+
+    The healthy tissue's largest fraction, covered by each overlay group (the structures,
+    then the lesion parts, as in :func:`render`) by that group's largest weight: the
+    structures where their weights reach one half, the lesion parts exactly where ``lesion``
+    (the voxels labelled tumour) is set, so that a voxel is drawn as tumour if and only if it
+    is labelled tumour; 0 outside ``mask``. With it a training batch can draw a
+    new appearance for the same anatomy (:mod:`brats_psp.data.rerender`).
+    """
+    tissue = ("csf", "gm", "wm")
+    codes = np.zeros(mask.shape, np.uint8)
+    best = np.argmax(np.stack([fractions[k] for k in tissue]), axis=0)
+    codes[...] = np.array([CLASS_NAMES.index(k) for k in tissue], np.uint8)[best]
+    for n, group in enumerate(overlays):
+        names = list(group)
+        stack = np.stack([group[k] for k in names])
+        covered = lesion if n == len(overlays) - 1 else stack.sum(axis=0) >= 0.5
+        top = np.array([CLASS_NAMES.index(k) for k in names], np.uint8)[np.argmax(stack, axis=0)]
+        codes[covered] = top[covered]
+    codes[~mask] = 0
+    return codes
