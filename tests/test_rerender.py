@@ -77,7 +77,7 @@ def test_the_cache_stores_the_class_map_aligned_with_the_label(built_in: tuple[D
             slab = vol.classes_slab(i, 1, axis)
             assert slab.shape == (3, *vol.slab(i, 1, axis).shape[1:])
             np.testing.assert_array_equal(np.isin(slab[1], LESION_CODES), vol.label_slice(i, axis) > 0)
-    # A second run reuses every entry, class maps included; without the maps it rebuilds them plain.
+    # A second run reuses every entry, class maps included.
     again = preprocess_dataset(raw, cache, cfg, progress=False, classes_dir=classes_folder_for(raw))
     assert len(again.reused) == 2 and not again.processed
 
@@ -159,3 +159,17 @@ def test_cases_without_a_class_map_are_named_and_keep_their_contrasts(
     sample = ds[0]
     assert (sample["classes"] == 0).all() and (sample["class_voxels"] == 0).all()
     assert sample["classes"].shape == (3, *sample["image"].shape[1:])
+
+
+def test_a_class_map_that_does_not_fit_its_case_is_a_case_error_naming_the_file(small_dataset: Path, tmp_path: Path) -> None:
+    classes = tmp_path / "classes"
+    img = nib.load(small_dataset / "BraTS2021_00000" / "BraTS2021_00000_t1.nii.gz")
+    wrong = classes_path("BraTS2021_00000", classes)
+    wrong.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), img.affine), wrong)
+    result = preprocess_dataset(small_dataset, tmp_path / "cache", DataConfig(), progress=False, classes_dir=classes)
+    assert [e.case_id for e in result.failures] == ["BraTS2021_00000"] and len(result.processed) == 5
+    message = str(result.failures[0])
+    assert str(wrong) in message and "class map shape (5, 5, 5) differs from image shape" in message
+    # The other cases have no class map and are cached without one.
+    assert not CachedVolume(tmp_path / "cache" / "cases" / "BraTS2021_00001").has_classes
