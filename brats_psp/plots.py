@@ -19,7 +19,7 @@ from brats_psp.data.transforms import apply_transforms, volume_transforms  # noq
 from brats_psp.io import atomic_path  # noqa: E402
 from brats_psp.labels import Tissue  # noqa: E402
 
-__all__ = ["TISSUE_CMAP", "plot_cases", "show_slice", "plot_validation_overlay", "plot_learning_curves", "plot_prediction", "save_figure"]
+__all__ = ["TISSUE_CMAP", "plot_cases", "plot_rerendered", "show_slice", "plot_validation_overlay", "plot_learning_curves", "plot_prediction", "save_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,37 @@ def plot_cases(data: str | os.PathLike, out: str | os.PathLike, n_cases: int = 3
             show_slice(ax, image[c, :, :, z], title=f"{case.case_id}\n{MODALITY_TITLES[modality]}, z={z}")
         overlay = None if tissue is None else tissue[:, :, z]
         show_slice(row[-1], image[MODALITIES.index("flair"), :, :, z], overlay, title="labels: NCR red, ED green, ET yellow")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_rerendered(cache_dir: str | os.PathLike, out: str | os.PathLike, n_cases: int = 2, draws: int = 3, seed: int = 0) -> Path:
+    """What ``data.rerender`` trains on: per cached built-in case (with a class map), at its slice
+    with most tumour, a row of the stored contrasts, then ``draws`` rows of contrasts drawn anew
+    from the class map (:func:`brats_psp.data.rerender.rerender`), each with the labels on FLAIR."""
+    import torch
+
+    from brats_psp.data.cache import CachedVolume
+    from brats_psp.data.rerender import rerender
+
+    volumes = [v for v in (CachedVolume(d) for d in sorted((Path(cache_dir) / "cases").iterdir()) if d.is_dir()) if v.has_classes][:n_cases]
+    if not volumes:
+        raise FileNotFoundError(f"{cache_dir}: no cached case with an appearance-class map (only the built-in set has them)")
+    rows = len(volumes) * (1 + draws)
+    fig, axes = plt.subplots(rows, len(MODALITIES) + 1, figsize=(2.2 * (len(MODALITIES) + 1), 2.3 * rows), squeeze=False)
+    g = torch.Generator().manual_seed(seed)
+    for n, vol in enumerate(volumes):
+        label = np.asarray(vol.label)
+        z = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(1)))
+        counts = torch.tensor(vol.meta["class_voxels"])[None]
+        images = [vol.slab(z, 0)] + [rerender(torch.from_numpy(vol.classes_slab(z, 0))[None], counts, g)[0].numpy() for _ in range(draws)]
+        for k, image in enumerate(images):
+            row = axes[n * (1 + draws) + k]
+            name = "stored" if k == 0 else f"drawn anew {k}"
+            for ax, (c, modality) in zip(row, enumerate(MODALITIES)):
+                title = f"{vol.case_id} z={z}\n{name}: {MODALITY_TITLES[modality]}" if c == 0 else MODALITY_TITLES[modality]
+                show_slice(ax, image[c], title=title)
+            show_slice(row[-1], image[MODALITIES.index("flair")], label[z], title="labels on FLAIR")
     fig.tight_layout()
     return save_figure(fig, out)
 

@@ -69,10 +69,16 @@ def preprocess(args: argparse.Namespace) -> int:
 
 @stage("show-data")
 def show_data(args: argparse.Namespace) -> int:
-    from brats_psp.plots import plot_cases
+    from brats_psp.plots import plot_cases, plot_rerendered
 
     cfg = _config(args)
     data = args.data
+    if args.rerender:  # the built-in set's training cache (built if needed), as data.rerender sees it
+        from brats_psp.data.builtin import ensure_training_cache
+
+        plot_rerendered(ensure_training_cache(cfg.data, data), args.out, n_cases=args.cases, draws=args.rerender)
+        log.info("wrote %s", args.out)
+        return 0
     if data is None:
         from brats_psp.data.builtin import ensure_demo_dataset
 
@@ -243,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--cases", type=int, default=3, help="number of cases to show")
+    p.add_argument("--rerender", type=int, default=0, metavar="N",
+                   help="instead: N appearances drawn anew per case from the cached class maps (data.rerender)")
     p = add("show-prediction", "figure of one case with a predicted segmentation on FLAIR", config=False)
     p.add_argument("--case", required=True, help="the case folder")
     p.add_argument("--pred", required=True, help="its <case>.nii.gz from infer")

@@ -173,3 +173,17 @@ def test_a_class_map_that_does_not_fit_its_case_is_a_case_error_naming_the_file(
     assert str(wrong) in message and "class map shape (5, 5, 5) differs from image shape" in message
     # The other cases have no class map and are cached without one.
     assert not CachedVolume(tmp_path / "cache" / "cases" / "BraTS2021_00001").has_classes
+
+
+def test_show_data_draws_the_new_appearances(built_in: tuple[DataConfig, Path, Path], tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    cfg, raw, _ = built_in
+    out = tmp_path / "rerendered.png"
+    assert run_cli("show-data", "--rerender", "2", "--cases", "2", "--out", str(out), f"data.cache_dir={cfg.cache_dir}", "data.demo_cases=2") == 0
+    assert out.stat().st_size > 10_000
+    from brats_psp.plots import plot_rerendered
+
+    (tmp_path / "empty" / "cases").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no cached case with an appearance-class map"):
+        plot_rerendered(tmp_path / "empty", tmp_path / "x.png")
