@@ -13,7 +13,10 @@
   the loader keep its workers alive across epochs.
 
 A sample is ``{"image": float32 (4·(2k+1), H, W), "label": float32 (3, H, W) region masks,
-"presence": float32 (3,), "case_id": str, "z": int}``.
+"presence": float32 (3,), "case_id": str, "z": int}``; with ``classes`` (``data.rerender``) also
+``"classes"``, uint8 (2k+1, H, W) appearance-class codes cropped with the image, and
+``"class_voxels"``, int64 (:data:`CLASS_CODES`,) the case's voxel count per code (all 0 for a
+case without a class map).
 """
 
 from __future__ import annotations
