@@ -11,8 +11,7 @@ under the radiological constraints), then per contrast:
 
 1. each class textured by a smooth field (its heterogeneity) plus fine noise;
 2. a random power curve (γ in e^±0.3);
-3. partial volume: the slab's slices mixed with their neighbours (up to 0.3 of each: thick
-   slices) and a Gaussian blur in the plane (σ 0.3-1.5 pixel per axis);
+3. partial volume: a Gaussian blur in the plane (σ 0.2-1.0 pixel per axis);
 4. a multiplicative bias field (log-amplitude up to 0.2);
 5. Rician noise (1-5 % of white matter);
 6. the z-score the preprocessing applies, with the mean and standard deviation that the
@@ -58,7 +57,7 @@ def _field(b: int, size: tuple[int, int], cells: int, g: torch.Generator) -> tor
 def _gauss_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Blur B x C x H x W ``x`` in the plane with σ (B x 2: along H, along W; pixels), per sample."""
     b, c = x.shape[:2]
-    r = 4
+    r = 3
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     kernels = torch.exp(-0.5 * (t[None, None, :] / sigma[:, :, None].clamp_min(1e-3)) ** 2)  # B x 2 x taps
     kernels = kernels / kernels.sum(-1, keepdim=True)
@@ -111,21 +110,11 @@ def rerender(classes: torch.Tensor, class_voxels: torch.Tensor, g: torch.Generat
     het = torch.gather(spread.to(**to), 2, codes).reshape(b, 4, k, h, w)
     texture = (_field(b, (h, w), 12, g) + 0.5 * torch.randn(b, 1, h, w, generator=g)).to(**to)
     x = value * (1 + het * texture[:, :, None])
-    mask = (classes[:, None] > 0).to(x.dtype).expand_as(x)
-    x, mask = x * mask, mask
-    if k > 1:  # thick slices: each slice takes up to 0.3 of each neighbour (edges repeated)
-        a = (0.3 * torch.rand(b, 1, 1, 1, 1, generator=g)).to(**to)
-
-        def mix(v: torch.Tensor) -> torch.Tensor:
-            below, above = torch.cat([v[:, :, :1], v[:, :, :-1]], 2), torch.cat([v[:, :, 1:], v[:, :, -1:]], 2)
-            return (1 - 2 * a) * v + a * (below + above)
-
-        x, mask = mix(x), mix(mask)
     x = x.permute(0, 2, 1, 3, 4).reshape(b, k * 4, h, w)  # neighbour-major
-    mask = mask.permute(0, 2, 1, 3, 4).reshape(b, k * 4, h, w)
     inside = (classes > 0).repeat_interleave(4, dim=1)
-    sigma = (0.3 + 1.2 * torch.rand(b, 2, generator=g)).to(**to)  # partial volume in the plane
-    x = _gauss_blur(x, sigma) / _gauss_blur(mask, sigma).clamp_min(1e-3)
+    sigma = (0.2 + 0.8 * torch.rand(b, 2, generator=g)).to(**to)
+    mask = inside.to(x.dtype)
+    x = _gauss_blur(x * mask, sigma) / _gauss_blur(mask, sigma).clamp_min(1e-3)
     bias = torch.exp(0.2 * torch.rand(b, 1, 1, 1, generator=g) * _field(b, (h, w), 4, g)).to(**to)
     x = x * bias
     sd_noise = noise.repeat(1, k)[:, :, None, None].to(**to)
