@@ -16,6 +16,7 @@ an option. Prints a table and writes ``benchmarks/results/augment.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import logging
 import subprocess
@@ -75,12 +76,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             preprocess_dataset(raw, tmp / "cache", cfg.data, progress=False, classes_dir=classes_folder_for(raw))
             train_dirs, _ = split_cases(tmp / "cache", cfg.data.fold)
             cfg.train.slices_per_epoch = args.batches * cfg.train.batch_size
-            beside = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides, *(args.beside or [])])
+            loader_cfg = copy.deepcopy(cfg)
             if args.beside:  # the loader carries the class maps when either configuration draws from them
-                cfg.data.rerender, rerender = max(cfg.data.rerender, beside.data.rerender), cfg.data.rerender
-            loader = build_train_loader(cfg, train_dirs, runtime)
-            if args.beside:
-                cfg.data.rerender = rerender
+                beside = load_config(args.config, [f"data.demo_cases={args.cases}", "data.folds=5", *args.overrides, *args.beside])
+                loader_cfg.data.rerender = max(cfg.data.rerender, beside.data.rerender)
+            loader = build_train_loader(loader_cfg, train_dirs, runtime)
             seed_loader_epoch(loader, 0, cfg, runtime)
             batches = [to_device(b, runtime) for b in loader]  # float32 on the device, as train_step sees them
         versions = {"this": BatchAugment(cfg.data)}

@@ -62,7 +62,6 @@ import torch
 import torch.nn.functional as F
 
 from brats_psp.config import DataConfig
-from brats_psp.data.rerender import rerender
 
 __all__ = ["BatchAugment", "affine_warp", "batch_seed"]
 
@@ -137,6 +136,8 @@ class BatchAugment:
         if cfg.rerender > 0 and "classes" in batch and len(i := chosen(cfg.rerender)):  # first: the rest applies to the new image
             i = i[batch["class_voxels"][i].sum(1) > 0]  # slices of a case without a class map keep their contrasts
             if len(i):
+                from brats_psp.data.rerender import rerender  # here: it imports this module's smooth fields
+
                 image[i] = rerender(batch["classes"][i], batch["class_voxels"][i], g).to(image.dtype)
         if cfg.flip_prob > 0:  # along H, then along W; a slice chosen for both is flipped once along both
             dims: list[list[int]] = [[] for _ in range(b)]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brats_psp.data.augment import _smooth_field
 from brats_psp.data.layouts import MODALITIES
 from brats_psp.data.synthetic.appearance import CLASS_NAMES, draw_appearance
 
@@ -46,12 +47,6 @@ def class_table(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.nd
             spread[c, k] = app.spread[modality][name]
     noise = np.array([app.noise[m] for m in MODALITIES])
     return means, spread, noise
-
-
-def _field(b: int, size: tuple[int, int], cells: int, g: torch.Generator) -> torch.Tensor:
-    """B x 1 x H x W smooth unit-variance random field (a ``cells`` grid, bicubic)."""
-    low = torch.randn(b, 1, cells, cells, generator=g)
-    return F.interpolate(low, size=size, mode="bicubic", align_corners=True)
 
 
 def _gauss_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -108,14 +103,14 @@ def rerender(classes: torch.Tensor, class_voxels: torch.Tensor, g: torch.Generat
     to = dict(device=device, dtype=torch.float32)
     value = torch.gather(means.to(**to), 2, codes).reshape(b, 4, k, h, w)
     het = torch.gather(spread.to(**to), 2, codes).reshape(b, 4, k, h, w)
-    texture = (_field(b, (h, w), 12, g) + 0.5 * torch.randn(b, 1, h, w, generator=g)).to(**to)
+    texture = (_smooth_field(b, 1, (h, w), g, cells=12) + 0.5 * torch.randn(b, 1, h, w, generator=g)).to(**to)
     x = value * (1 + het * texture[:, :, None])
     x = x.permute(0, 2, 1, 3, 4).reshape(b, k * 4, h, w)  # neighbour-major
     inside = (classes > 0).repeat_interleave(4, dim=1)
     sigma = (0.2 + 0.8 * torch.rand(b, 2, generator=g)).to(**to)
     mask = inside.to(x.dtype)
     x = _gauss_blur(x * mask, sigma) / _gauss_blur(mask, sigma).clamp_min(1e-3)
-    bias = torch.exp(0.2 * torch.rand(b, 1, 1, 1, generator=g) * _field(b, (h, w), 4, g)).to(**to)
+    bias = torch.exp(0.2 * torch.rand(b, 1, 1, 1, generator=g) * _smooth_field(b, 1, (h, w), g, cells=4)).to(**to)
     x = x * bias
     sd_noise = noise.repeat(1, k)[:, :, None, None].to(**to)
     real = x + sd_noise * torch.randn(x.shape, generator=g).to(**to)
