@@ -98,9 +98,18 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 
     return Runtime(dev, _resolve_dtype(dev, precision), rank, world_size, local_rank)
 
 
-def shutdown(runtime: Runtime) -> None:
-    """Leave the process group (if this process joined one)."""
+def shutdown(runtime: Runtime, finished: bool = False) -> None:
+    """Leave the process group (if this process joined one).
+
+    ``finished``: every process got to the end, so they first wait for each other. Without the
+    barrier a rank that is done early (rank 1, while rank 0 still writes the checkpoint and logs
+    the model) tears its gloo pairs down and exits under a peer that still holds them; in the CI run of
+    6a4e343 (not reproduced in 14 local runs) that rank died in C++ teardown ("terminate called
+    without an active exception", SIGABRT). After a failure there is no barrier: a peer may be gone.
+    """
     if runtime.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

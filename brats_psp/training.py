@@ -791,5 +791,6 @@ def train(
         run.tracker.end(status)
         if runtime.is_main:
             clear_running(run.run_dir)
-        shutdown(runtime)
+        run.trainer.model = _unwrap(run.trainer.model)  # DDP's reducer holds the process group
+        shutdown(runtime, finished=status == "FINISHED")
     return result
