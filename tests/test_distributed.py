@@ -69,3 +69,32 @@ def test_torchrun_two_nodes_on_one_machine(tiny_data: Path, tmp_path: Path) -> N
     (run,) = client.search_runs([client.get_experiment_by_name("brats_psp").experiment_id])
     assert run.info.status == "FINISHED" and "2 process(es)" in run.data.params["device"]
     assert (tmp_path / "outputs" / run.info.run_id / "checkpoints" / "best.pt").is_file()
+
+
+def _leave_group(rank: int, port: int, marker: str) -> None:
+    """One process of :func:`test_ranks_leave_the_group_together`."""
+    import time
+
+    from brats_psp.runtime import setup_runtime, shutdown
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    runtime = setup_runtime("cpu", "fp32", threads=1)
+    if runtime.is_main:  # rank 0 still works (as it writes the checkpoint and logs the model)
+        time.sleep(1.0)
+        Path(marker).write_text("done")
+    shutdown(runtime, finished=True)
+    if not runtime.is_main and not Path(marker).is_file():
+        raise AssertionError("rank 1 left the process group before rank 0 had finished")
+
+
+def test_ranks_leave_the_group_together(tmp_path: Path) -> None:
+    """After a finished run no rank leaves the process group (and exits) while another still
+    works in it: rank 1 leaving early died in gloo's teardown once (CI of 6a4e343)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_leave_group, args=(port, str(tmp_path / "rank0_done")), nprocs=2, join=True)
