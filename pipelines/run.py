@@ -52,6 +52,12 @@ def demo_data(args: argparse.Namespace) -> int:
     from brats_psp.data.synthetic import write_dataset
 
     workers = args.workers if args.workers > 0 else default_workers()
+    if args.classes:
+        from brats_psp.data.builtin import classes_folder_for, write_with_class_maps
+
+        ids = write_with_class_maps(Path(args.out), args.cases, seed=args.seed, fmt=args.format, workers=workers)
+        log.info("wrote %d synthetic %s case(s) to %s, their class maps to %s", len(ids), args.format, args.out, classes_folder_for(Path(args.out)))
+        return 0
     ids = write_dataset(args.out, args.cases, seed=args.seed, fmt=args.format, progress=True, workers=workers)
     log.info("wrote %d synthetic %s case(s) to %s", len(ids), args.format, args.out)
     return 0
@@ -239,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="release layout and labels (brats2023: BraTS-GLI-* ids; brats2023-ped: BraTS-PED-* ids in the paediatric convention)",
     )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per available core)")
+    p.add_argument(
+        "--classes", action="store_true",
+        help="also write each case's appearance-class map beside OUT (OUT/../classes), which train uses with data.rerender > 0",
+    )
 
     p = add("preprocess", "run the volume transforms once per case and cache slices, a datalist and a summary")
     p.add_argument("--data", required=True, help="dataset folder (any layout), case folder or datalist JSON")

@@ -187,3 +187,20 @@ def test_show_data_draws_the_new_appearances(built_in: tuple[DataConfig, Path, P
     (tmp_path / "empty" / "cases").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no cached case with an appearance-class map"):
         plot_rerendered(tmp_path / "empty", tmp_path / "x.png")
+
+
+def test_demo_data_writes_class_maps_that_training_picks_up(built_in: tuple[DataConfig, Path, Path], tmp_path: Path) -> None:
+    """``demo-data --classes``: the maps beside the release folder, the same as the built-in set's
+    for the same seed and case, stored in the cache that ``train --data`` builds."""
+    from tests.conftest import run_cli
+
+    _, built_raw, _ = built_in
+    raw = tmp_path / "demo" / "raw"
+    assert run_cli("demo-data", "--out", str(raw), "--cases", "1", "--seed", "0", "--workers", "1", "--classes") == 0
+    (written,) = sorted((tmp_path / "demo" / "classes").glob("*.nii.gz"))
+    assert (classes_folder_for(raw) / ".complete").is_file()
+    same = nib.load(classes_folder_for(built_raw) / written.name)
+    np.testing.assert_array_equal(np.asarray(nib.load(written).dataobj), np.asarray(same.dataobj))
+    cache = ensure_training_cache(DataConfig(cache_dir=str(tmp_path / "cache")), raw, progress=False)
+    (entry,) = _volumes(cache)
+    assert entry.has_classes and entry.case_id == written.name.removesuffix(".nii.gz")

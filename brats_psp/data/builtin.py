@@ -16,7 +16,7 @@ from brats_psp.config import DataConfig
 from brats_psp.cpus import default_workers
 from brats_psp.data.transforms import preprocessing_params
 
-__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for", "classes_folder_for", "resolve_data_source"]
+__all__ = ["ensure_demo_dataset", "ensure_training_cache", "cache_folder_for", "classes_folder_for", "resolve_data_source", "write_with_class_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +28,27 @@ def ensure_demo_dataset(cfg: DataConfig) -> Path:
 
     Its cases' appearance-class maps go beside it (:func:`classes_folder_for`).
     """
-    from brats_psp.data.synthetic import GENERATOR_VERSION, write_dataset
+    from brats_psp.data.synthetic import GENERATOR_VERSION
 
     raw = Path(cfg.cache_dir) / f"demo-v{GENERATOR_VERSION}-seed{cfg.demo_seed}-n{cfg.demo_cases}" / "raw"
-    classes = classes_folder_for(raw)
-    if not ((raw / _DONE).is_file() and (classes / _DONE).is_file()):
+    if not ((raw / _DONE).is_file() and (classes_folder_for(raw) / _DONE).is_file()):
         log.info("generating the built-in synthetic set (%d cases, seed %d) in %s", cfg.demo_cases, cfg.demo_seed, raw)
-        write_dataset(raw, cfg.demo_cases, seed=cfg.demo_seed, fmt="brats2021", progress=True, workers=default_workers(), classes_dir=classes)
-        done = json.dumps({"cases": cfg.demo_cases, "seed": cfg.demo_seed})
-        classes.mkdir(parents=True, exist_ok=True)
-        (classes / _DONE).write_text(done)
-        (raw / _DONE).write_text(done)
+        write_with_class_maps(raw, cfg.demo_cases, seed=cfg.demo_seed, workers=default_workers())
+        (raw / _DONE).write_text(json.dumps({"cases": cfg.demo_cases, "seed": cfg.demo_seed}))
     return raw
+
+
+def write_with_class_maps(raw: Path, n_cases: int, seed: int = 0, fmt: str = "brats2021", workers: int = 1) -> list[str]:
+    """:func:`~brats_psp.data.release.write_dataset` into ``raw``, with each case's
+    appearance-class map in :func:`classes_folder_for` ``(raw)``, marked complete there so that
+    :func:`ensure_training_cache` stores the maps (``data.rerender``). Returns the case ids."""
+    from brats_psp.data.synthetic import write_dataset
+
+    classes = classes_folder_for(raw)
+    ids = write_dataset(raw, n_cases, seed=seed, fmt=fmt, progress=True, workers=workers, classes_dir=classes)
+    classes.mkdir(parents=True, exist_ok=True)
+    (classes / _DONE).write_text(json.dumps({"cases": n_cases, "seed": seed}))
+    return ids
 
 
 def classes_folder_for(raw: Path) -> Path:
