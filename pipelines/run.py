@@ -53,14 +53,12 @@ def demo_data(args: argparse.Namespace) -> int:
 
     workers = args.workers if args.workers > 0 else default_workers()
     if args.classes:  # the appearance-class maps beside OUT, where train looks for them (data.rerender)
-        from brats_psp.data.builtin import classes_folder_for, write_with_class_maps
+        from brats_psp.data.builtin import write_with_class_maps
 
         ids = write_with_class_maps(Path(args.out), args.cases, seed=args.seed, fmt=args.format, workers=workers)
     else:
         ids = write_dataset(args.out, args.cases, seed=args.seed, fmt=args.format, progress=True, workers=workers)
     log.info("wrote %d synthetic %s case(s) to %s", len(ids), args.format, args.out)
-    if args.classes:
-        log.info("their appearance-class maps: %s", classes_folder_for(Path(args.out)))
     return 0
 
 

@@ -48,6 +48,7 @@ def write_with_class_maps(raw: Path, n_cases: int, seed: int = 0, fmt: str = "br
     ids = write_dataset(raw, n_cases, seed=seed, fmt=fmt, progress=True, workers=workers, classes_dir=classes)
     classes.mkdir(parents=True, exist_ok=True)
     (classes / _DONE).write_text(json.dumps({"cases": n_cases, "seed": seed}))
+    log.info("appearance-class maps of %d case(s) in %s", len(ids), classes)
     return ids
 
 
