@@ -36,6 +36,7 @@ its log. Accuracy, not speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -97,19 +98,35 @@ def score(model: str, real: list[Path], synthetic: dict[str, Path], out: Path, o
     from brats_psp.segment import ensemble_config, segment_cases
 
     result: dict[str, Any] = {"model": model, "dice": {}, "hd95": {}}
+    loaded = load_model(model)
+    cfg = apply_overrides(ensemble_config([loaded]), overrides).infer
+    result["thresholds"] = cfg.region_thresholds
+    result["infer"] = dataclasses.asdict(cfg)  # what every score below was taken with
+    for key, used, default in stale_postprocessing(cfg):
+        log.warning("%s: scored with the model's infer.%s=%s, not today's default %s (override it to compare with today's)", model, key, used, default)
     if real:
         summary = real_scans(model, real, None, out / "real", overrides, contrast_check=False)
         for case, scores in summary["scored"].items():
             result["dice"][case] = [round(scores[r]["dice"], 4) for r in REGIONS]
             result["hd95"][case] = [round(scores[r]["hd95"], 2) for r in REGIONS]
-    loaded = load_model(model)
-    cfg = apply_overrides(ensemble_config([loaded]), overrides).infer
-    result["thresholds"] = cfg.region_thresholds
     for name, folder in synthetic.items():
         segment_cases(loaded, folder, out / name / "predictions", cfg, progress=False)
         summary = evaluate(out / name / "predictions", folder, out_dir=out / name).summary
         result["dice"][name] = [round(summary[r]["dice"]["mean"], 4) for r in REGIONS]
     return result
+
+
+def stale_postprocessing(cfg: Any) -> list[tuple[str, Any, Any]]:
+    """``(key, value, default)`` of each step after the network (:data:`AFTER_NETWORK`, but the
+    calibrated thresholds) where ``cfg`` (an :class:`~brats_psp.config.InferConfig`, a model's
+    own after overrides) differs from today's default: a model trained before a default changed
+    carries the old value, and its scores are then not comparable with a today's model's."""
+    from benchmarks.postprocessing import AFTER_NETWORK
+    from brats_psp.config import InferConfig
+
+    default = InferConfig()
+    keys = sorted(AFTER_NETWORK - {"threshold", "region_thresholds"})
+    return [(k, getattr(cfg, k), getattr(default, k)) for k in keys if getattr(cfg, k) != getattr(default, k)]
 
 
 def table(models: list[dict[str, Any]]) -> str:

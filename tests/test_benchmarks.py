@@ -406,6 +406,7 @@ def test_trials_train_a_patched_variant_and_score_it(tmp_path: Path) -> None:
     assert "width: 12" in (out / "wide" / "repo" / "configs" / "smoke.yaml").read_text()
     assert "width: 8" in (REPO / "configs" / "smoke.yaml").read_text()
     assert set(model["dice"]) == {"BraTS-GLI-00007-000", "toy"} and all(0.0 <= v <= 1.0 for d in model["dice"].values() for v in d)
+    assert model["infer"]["region_thresholds"] == model["thresholds"] and model["infer"]["tta"] is False  # the settings scored with (smoke.yaml: no TTA)
     (best,) = (out / "wide" / "s0").glob("*/checkpoints/best.pt")
     ckpt = torch.load(best, weights_only=True, map_location="cpu")
     assert ckpt["config"]["model"]["width"] == 12 and ckpt["config"]["train"]["epochs"] == 1
@@ -414,6 +415,23 @@ def test_trials_train_a_patched_variant_and_score_it(tmp_path: Path) -> None:
     assert md[2].startswith(f"| wide, seed 0 ({model['run'][:8]}) | ") and md[3].startswith("| **wide: mean of 1** |") and len(md) == 4
     _run("trials.py", *args)  # the training is there: scored again, not trained again
     assert [m["run"] for m in json.loads((out / "trials.json").read_text())["models"]] == [model["run"]]
+
+
+def test_trials_name_postprocessing_a_model_carries_from_an_older_default() -> None:
+    """A model trained before a postprocessing default changed carries the old value; trials.py
+    names it (it scores with it unless overridden), and not the calibrated thresholds."""
+    import dataclasses
+
+    from benchmarks.trials import stale_postprocessing
+    from brats_psp.config import InferConfig
+
+    today = InferConfig()
+    assert stale_postprocessing(dataclasses.replace(today, region_thresholds=[0.2, 0.3, 0.4])) == []
+    old = dataclasses.replace(today, min_component_fraction=today.min_component_fraction / 2, rim_hull=not today.rim_hull, tta=not today.tta)
+    assert stale_postprocessing(old) == [
+        ("min_component_fraction", today.min_component_fraction / 2, today.min_component_fraction),
+        ("rim_hull", not today.rim_hull, today.rim_hull),
+    ]  # tta acts on the network's pass: a setting of the score, not a postprocessing default
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the failing training asks for a GPU that is absent")
