@@ -23,10 +23,13 @@ than most changes, so a change is judged over several seeds and every scan at on
    logs in ``OUT/<variant>/train-s<seed>.log``;
 4. each ``best.pt`` scored by ``score`` with the copy's code: every ``--real`` folder as
    ``real_scans.py`` scores it (Dice, HD95, volumes; its figures), and every ``--synthetic``
-   set by ``infer`` + ``evaluate`` (mean Dice per region).
+   set by ``infer`` + ``evaluate`` (mean Dice per region), with the model's own ``infer``
+   settings and the command's overrides (recorded as ``infer``; a postprocessing setting the
+   model carries from an older default is named in a warning: override it to compare models
+   trained before and after a default changed).
 
-Writes ``OUT/trials.json`` (per model: variant, seed, run id, calibrated thresholds, Dice per
-case or set) and ``OUT/trials.md`` (a table, a row per model and a mean row per variant, Dice WT
+Writes ``OUT/trials.json`` (per model: variant, seed, run id, calibrated thresholds, the
+``infer`` settings, Dice per case or set) and ``OUT/trials.md`` (a table, a row per model and a mean row per variant, Dice WT
 / TC / ET). A variant whose trainings ran before (a ``best.pt`` in its seed's folder) is not
 trained again: add seeds or scan folders and run the same command. A bad override stops the
 run before anything trains; a training that fails stops it, and the trainings beside it, naming
