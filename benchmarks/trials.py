@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def score(model: str, real: list[Path], synthetic: dict[str, Path], out: Path, o
     cfg = apply_overrides(ensemble_config([loaded]), overrides).infer
     result["thresholds"] = cfg.region_thresholds
     result["infer"] = dataclasses.asdict(cfg)  # what every score below was taken with
-    for key, used, default in stale_postprocessing(cfg):
+    for key, used, default in stale_postprocessing(cfg, overrides):
         log.warning("%s: scored with the model's infer.%s=%s, not today's default %s (override it to compare with today's)", model, key, used, default)
     if real:
         summary = real_scans(model, real, None, out / "real", overrides, contrast_check=False)
@@ -119,16 +120,18 @@ def score(model: str, real: list[Path], synthetic: dict[str, Path], out: Path, o
     return result
 
 
-def stale_postprocessing(cfg: Any) -> list[tuple[str, Any, Any]]:
+def stale_postprocessing(cfg: Any, overrides: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
     """``(key, value, default)`` of each step after the network (:data:`AFTER_NETWORK`, but the
-    calibrated thresholds) where ``cfg`` (an :class:`~brats_psp.config.InferConfig`, a model's
-    own after overrides) differs from today's default: a model trained before a default changed
-    carries the old value, and its scores are then not comparable with a today's model's."""
+    calibrated thresholds and the keys ``overrides`` set on purpose) where ``cfg`` (an
+    :class:`~brats_psp.config.InferConfig`, a model's own after overrides) differs from today's
+    default: a model trained before a default changed carries the old value, and its scores are
+    then not comparable with a today's model's."""
     from benchmarks.postprocessing import AFTER_NETWORK
     from brats_psp.config import InferConfig
 
     default = InferConfig()
-    keys = sorted(AFTER_NETWORK - {"threshold", "region_thresholds"})
+    chosen = {text.partition("=")[0].removeprefix("infer.") for text in overrides}
+    keys = sorted(AFTER_NETWORK - {"threshold", "region_thresholds"} - chosen)
     return [(k, getattr(cfg, k), getattr(default, k)) for k in keys if getattr(cfg, k) != getattr(default, k)]
 
 

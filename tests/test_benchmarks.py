@@ -432,6 +432,7 @@ def test_trials_name_postprocessing_a_model_carries_from_an_older_default() -> N
         ("min_component_fraction", today.min_component_fraction / 2, today.min_component_fraction),
         ("rim_hull", not today.rim_hull, today.rim_hull),
     ]  # tta acts on the network's pass: a setting of the score, not a postprocessing default
+    assert stale_postprocessing(old, ["infer.rim_hull=false"]) == [("min_component_fraction", today.min_component_fraction / 2, today.min_component_fraction)]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the failing training asks for a GPU that is absent")
