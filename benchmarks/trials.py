@@ -127,10 +127,10 @@ def stale_postprocessing(cfg: Any, overrides: Sequence[str] = ()) -> list[tuple[
     default: a model trained before a default changed carries the old value, and its scores are
     then not comparable with a today's model's."""
     from benchmarks.postprocessing import AFTER_NETWORK
-    from brats_psp.config import InferConfig
+    from brats_psp.config import InferConfig, parse_override
 
     default = InferConfig()
-    chosen = {text.partition("=")[0].removeprefix("infer.") for text in overrides}
+    chosen = {key for section, key, _ in map(parse_override, overrides) if section == "infer"}
     keys = sorted(AFTER_NETWORK - {"threshold", "region_thresholds"} - chosen)
     return [(k, getattr(cfg, k), getattr(default, k)) for k in keys if getattr(cfg, k) != getattr(default, k)]
 
