@@ -311,19 +311,23 @@ def recalibrate(
     cfg = apply_overrides(config_of(state), list(overrides))
     previous = cfg.infer.region_thresholds
     runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    out = Path(output or path)
+    finished = False
     try:
-        split = prepare_data(cfg, data, runtime, progress)
+        split = prepare_data(cfg, data, runtime, progress and runtime.is_main)
         network = build_model_from_checkpoint(state).to(runtime.device)
-        thresholds, val = calibrate_thresholds(network, split.val_dirs, cfg, runtime, progress=progress)
+        thresholds, val = calibrate_thresholds(network, split.val_dirs, cfg, runtime, progress=progress and runtime.is_main)
+        cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, region_thresholds=thresholds))
+        state["config"] = config_to_dict(cfg)
+        if runtime.is_main:  # under torchrun every rank has the same thresholds; one writes them
+            save_checkpoint(out, state)
+            log.info(
+                "calibrated %s on %d validation case(s): %s (were %s); wrote %s",
+                path, len(split.val_dirs), ", ".join(f"{r} {t:.2f} (Dice {val[r]:.4f})" for r, t in zip(REGION_NAMES, thresholds)), previous, out,
+            )
+        finished = True
     finally:
-        shutdown(runtime)
-    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, region_thresholds=thresholds))
-    state["config"] = config_to_dict(cfg)
-    out = save_checkpoint(output or path, state)
-    log.info(
-        "calibrated %s on %d validation case(s): %s (were %s); wrote %s",
-        path, len(split.val_dirs), ", ".join(f"{r} {t:.2f} (Dice {val[r]:.4f})" for r, t in zip(REGION_NAMES, thresholds)), previous, out,
-    )
+        shutdown(runtime, finished=finished)  # the others wait until rank 0 has written
     return Calibration(out, thresholds, val, previous, len(split.val_dirs))
 
 

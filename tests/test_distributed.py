@@ -38,6 +38,34 @@ def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noq
     assert (tmp_path / "outputs" / run_ids[0] / "checkpoints" / "best.pt").is_file()
 
 
+def test_calibrate_under_torchrun_writes_once(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`calibrate` launched by torchrun: every rank gets the same thresholds, rank 0 alone writes
+    the checkpoint and logs it, and the ranks leave the process group together."""
+    from brats_psp.checkpoint import config_of, load_checkpoint
+    from brats_psp.training import CALIBRATION_GRID, train
+    from tests.test_training import smoke_config
+
+    cfg = smoke_config(tmp_path, "train.epochs=1", "train.calibrate_threshold=false", "tracking.enabled=false")
+    best = train(cfg, data=tiny_data, progress=False).best_checkpoint
+    out = tmp_path / "calibrated.pt"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "pipelines" / "run.py"), "calibrate",
+        "--model", str(best), "--output", str(out), "--data", str(tiny_data), "train.threads=1",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = re.findall(r"^thresholds: (.*)$", proc.stdout, flags=re.M)
+    assert len(printed) == 2 and printed[0] == printed[1], proc.stdout  # both ranks, the same thresholds
+    assert proc.stderr.count("calibrated ") == 1, proc.stderr[-3000:]  # one rank wrote and logged
+    thresholds = config_of(load_checkpoint(out)).infer.region_thresholds
+    assert set(thresholds) <= set(CALIBRATION_GRID)
+    assert printed[0] == " ".join(f"{r}={t:.2f}" for r, t in zip(("WT", "TC", "ET"), thresholds))
+    assert config_of(load_checkpoint(best)).infer.region_thresholds is None  # the input is left as it was
+    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*calibrated*"))  # nothing half-written
+
+
 @pytest.mark.slow  # about 45 s: `make test-all`
 def test_torchrun_two_nodes_on_one_machine(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
     """Multi-node launch with PyTorch's own rendezvous: two torchrun "nodes" (one process each)
