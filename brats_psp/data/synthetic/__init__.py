@@ -49,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever generated cases change for a given seed (the built-in cache is keyed on it).
-#: 8-20, 22 and 23 were trial generators, never the default (README, "More real scans";
+#: 8-20 and 22-24 were trial generators, never the default (README, "More real scans";
 #: docs/experiments.md); 21 spares the cortex in the edema's appearance.
 GENERATOR_VERSION = 21
 
