@@ -311,12 +311,13 @@ def recalibrate(
     cfg = apply_overrides(config_of(state), list(overrides))
     previous = cfg.infer.region_thresholds
     runtime = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    progress = progress and runtime.is_main
     out = Path(output or path)
     finished = False
     try:
-        split = prepare_data(cfg, data, runtime, progress and runtime.is_main)
+        split = prepare_data(cfg, data, runtime, progress)
         network = build_model_from_checkpoint(state).to(runtime.device)
-        thresholds, val = calibrate_thresholds(network, split.val_dirs, cfg, runtime, progress=progress and runtime.is_main)
+        thresholds, val = calibrate_thresholds(network, split.val_dirs, cfg, runtime, progress=progress)
         cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, region_thresholds=thresholds))
         state["config"] = config_to_dict(cfg)
         if runtime.is_main:  # under torchrun every rank has the same thresholds; one writes them

@@ -106,10 +106,11 @@ def train(args: argparse.Namespace) -> int:
 
 @stage("calibrate")
 def calibrate(args: argparse.Namespace) -> int:
+    from brats_psp.labels import REGION_NAMES
     from brats_psp.training import recalibrate
 
     result = recalibrate(args.model, args.output, args.data, args.overrides, args.tracking_uri, progress=True)
-    print("thresholds: " + " ".join(f"{r}={t:.2f}" for r, t in zip(("WT", "TC", "ET"), result.thresholds)))
+    print("thresholds: " + " ".join(f"{r}={t:.2f}" for r, t in zip(REGION_NAMES, result.thresholds)))
     print(f"model: {result.checkpoint}")
     return 0
 

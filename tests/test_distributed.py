@@ -42,6 +42,7 @@ def test_calibrate_under_torchrun_writes_once(tiny_data: Path, tmp_path: Path) -
     """`calibrate` launched by torchrun: every rank gets the same thresholds, rank 0 alone writes
     the checkpoint and logs it, and the ranks leave the process group together."""
     from brats_psp.checkpoint import config_of, load_checkpoint
+    from brats_psp.labels import REGION_NAMES
     from brats_psp.training import CALIBRATION_GRID, train
     from tests.test_training import smoke_config
 
@@ -61,7 +62,7 @@ def test_calibrate_under_torchrun_writes_once(tiny_data: Path, tmp_path: Path) -
     assert proc.stderr.count("calibrated ") == 1, proc.stderr[-3000:]  # one rank wrote and logged
     thresholds = config_of(load_checkpoint(out)).infer.region_thresholds
     assert set(thresholds) <= set(CALIBRATION_GRID)
-    assert printed[0] == " ".join(f"{r}={t:.2f}" for r, t in zip(("WT", "TC", "ET"), thresholds))
+    assert printed[0] == " ".join(f"{r}={t:.2f}" for r, t in zip(REGION_NAMES, thresholds))
     assert config_of(load_checkpoint(best)).infer.region_thresholds is None  # the input is left as it was
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*calibrated*"))  # nothing half-written
 
