@@ -203,14 +203,19 @@ def calibrate_thresholds(
     A network trained with strong appearance augmentation tends to be unsure at the lesion's
     edge; on the held-out validation cases this picks the cut that its probabilities call for,
     instead of assuming 0.5. ET is scored as ``infer`` labels it, after the small-ET rule
-    (``infer.small_et_voxels``, :func:`calibration_dice`). Returns ``([WT, TC, ET] thresholds,
-    {"WT": dice, ...})``.
+    (``infer.small_et_voxels``, :func:`calibration_dice`). Under torchrun each process scores
+    its share of the cases and the Dice sums are added over the processes, so every rank picks
+    the same thresholds. Returns ``([WT, TC, ET] thresholds, {"WT": dice, ...})``.
     """
     small_et = cfg.infer.small_et_voxels / float(np.prod(cfg.data.spacing))  # the rule's 1 mm voxels, in cache voxels
-    sums = np.zeros((len(REGION_NAMES), len(grid)))
-    for _, _, tissue, probs in _segment_cached(model, case_dirs, cfg, runtime, "calibrate", progress):
-        sums += calibration_dice(probs.cpu(), tissue_to_regions(tissue), grid, small_et)
-    means = sums / max(1, len(case_dirs))
+    sums = torch.zeros((len(REGION_NAMES), len(grid)), dtype=torch.float64)
+    mine = case_dirs[runtime.rank :: runtime.world_size]
+    for _, _, tissue, probs in _segment_cached(model, mine, cfg, runtime, "calibrate", progress):
+        sums += torch.from_numpy(calibration_dice(probs.cpu(), tissue_to_regions(tissue), grid, small_et))
+    if runtime.distributed:
+        sums = sums.to(runtime.device)
+        dist.all_reduce(sums)
+    means = sums.cpu().numpy() / max(1, len(case_dirs))
     thresholds = pick_thresholds(grid, means)
     return thresholds, {name: float(means[r][grid.index(t)]) for r, (name, t) in enumerate(zip(REGION_NAMES, thresholds))}
 
@@ -246,13 +251,19 @@ def pick_thresholds(grid: tuple[float, ...], means: np.ndarray) -> list[float]:
 
 def calibrate_best_checkpoint(run: TrainingRun, progress: bool = False) -> None:
     """Calibrate the best checkpoint's thresholds on the validation cases and store them in its
-    config (``infer.region_thresholds``), so that ``infer`` uses them; logged to the run."""
+    config (``infer.region_thresholds``), so that ``infer`` uses them; logged to the run.
+
+    Every process calls it: rank 0 reads the checkpoint and sends it to the others (which may
+    run on machines without its file), each scores its share of the cases, and rank 0 writes.
+    """
     cfg = run.cfg
     if not cfg.train.calibrate_threshold or not run.data.val_dirs:
         return
-    ckpt = load_checkpoint(run.best_path)
+    ckpt = _broadcast(load_checkpoint(run.best_path) if run.runtime.is_main else None, run.runtime)
     model = build_model_from_checkpoint(ckpt).to(run.runtime.device)
     thresholds, val = calibrate_thresholds(model, run.data.val_dirs, cfg, run.runtime, progress=progress)
+    if not run.runtime.is_main:
+        return
     ckpt["config"]["infer"]["region_thresholds"] = thresholds
     save_checkpoint(run.best_path, ckpt)
     log.info(
@@ -720,21 +731,28 @@ def run_epoch(run: TrainingRun, epoch: int, progress: bool) -> dict[str, float]:
 
 
 def finish_run(run: TrainingRun) -> TrainResult:
-    """Step 4 (rank 0): learning curves, history, the best checkpoint (the last one stands in when
-    no validation ran) with its thresholds calibrated on the validation cases
-    (``train.calibrate_threshold``), and the MLflow model, logged to the run."""
+    """Step 4: learning curves, history, the best checkpoint (the last one stands in when no
+    validation ran) with its thresholds calibrated on the validation cases
+    (``train.calibrate_threshold``), and the MLflow model, logged to the run.
+
+    Every process calls it (under torchrun the calibration's cases are shared out); rank 0
+    alone writes and logs.
+    """
     from brats_psp.plots import plot_learning_curves
 
     cfg, run_dir, tracker = run.cfg, run.run_dir, run.tracker
-    plot_learning_curves(run.history, run_dir / "learning_curves.png")
-    write_json(run_dir / "history.json", run.history)
-    for artifact in ("learning_curves.png", "val_overlay.png", "history.json"):
-        if (run_dir / artifact).exists():
-            tracker.log_artifact(run_dir / artifact)
-    if not run.best_path.exists():  # no validation ran (train.val_every > train.epochs)
-        log.warning("no validation ran, so there is no best checkpoint: %s stands in for it", run.last_path)
-        save_checkpoint(run.best_path, load_checkpoint(run.last_path))
+    if run.runtime.is_main:
+        plot_learning_curves(run.history, run_dir / "learning_curves.png")
+        write_json(run_dir / "history.json", run.history)
+        for artifact in ("learning_curves.png", "val_overlay.png", "history.json"):
+            if (run_dir / artifact).exists():
+                tracker.log_artifact(run_dir / artifact)
+        if not run.best_path.exists():  # no validation ran (train.val_every > train.epochs)
+            log.warning("no validation ran, so there is no best checkpoint: %s stands in for it", run.last_path)
+            save_checkpoint(run.best_path, load_checkpoint(run.last_path))
     calibrate_best_checkpoint(run)
+    if not run.runtime.is_main:
+        return run_result(run)
     tracker.log_artifact(run.best_path, "checkpoints")
     if cfg.tracking.log_model:
         best_model = build_model_from_checkpoint(load_checkpoint(run.best_path))
@@ -790,7 +808,7 @@ def train(
             metrics = run_epoch(run, epoch, progress)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
-        result = finish_run(run) if runtime.is_main else run_result(run)
+        result = finish_run(run)
         status = "FINISHED"
     finally:
         run.tracker.end(status)

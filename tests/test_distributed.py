@@ -1,4 +1,4 @@
-"""Data-parallel training with torchrun: two CPU processes (gloo), one MLflow run (about 35 s)."""
+"""Data-parallel training and calibration with torchrun: two CPU processes (gloo), one MLflow run."""
 
 from __future__ import annotations
 
@@ -35,15 +35,22 @@ def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noq
     assert "2 process(es)" in runs[0].data.params["device"]
     history = client.get_metric_history(run_ids[0], "train/loss")
     assert [m.step for m in history] == [0, 1]
-    assert (tmp_path / "outputs" / run_ids[0] / "checkpoints" / "best.pt").is_file()
+    best = tmp_path / "outputs" / run_ids[0] / "checkpoints" / "best.pt"
+    # the calibration after the last epoch: the cases shared out, rank 0 alone writes and logs
+    from brats_psp.checkpoint import config_of, load_checkpoint
+
+    assert config_of(load_checkpoint(best)).infer.region_thresholds is not None
+    assert proc.stderr.count("calibrated thresholds on 2 validation case(s)") == 1, proc.stderr[-3000:]
+    assert len(client.get_metric_history(run_ids[0], "calibration/threshold_TC")) == 1
 
 
 def test_calibrate_under_torchrun_writes_once(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    """`calibrate` launched by torchrun: every rank gets the same thresholds, rank 0 alone writes
-    the checkpoint and logs it, and the ranks leave the process group together."""
+    """`calibrate` launched by torchrun: the ranks share out the validation cases and every rank
+    gets the thresholds and Dice of one process scoring them all; rank 0 alone writes the
+    checkpoint and logs it, and the ranks leave the process group together."""
     from brats_psp.checkpoint import config_of, load_checkpoint
     from brats_psp.labels import REGION_NAMES
-    from brats_psp.training import CALIBRATION_GRID, train
+    from brats_psp.training import CALIBRATION_GRID, recalibrate, train
     from tests.test_training import smoke_config
 
     cfg = smoke_config(tmp_path, "train.epochs=1", "train.calibrate_threshold=false", "tracking.enabled=false")
@@ -64,6 +71,10 @@ def test_calibrate_under_torchrun_writes_once(tiny_data: Path, tmp_path: Path) -
     assert set(thresholds) <= set(CALIBRATION_GRID)
     assert printed[0] == " ".join(f"{r}={t:.2f}" for r, t in zip(REGION_NAMES, thresholds))
     assert config_of(load_checkpoint(best)).infer.region_thresholds is None  # the input is left as it was
+    alone = recalibrate(best, tmp_path / "alone.pt", tiny_data)  # one process, both validation cases
+    assert alone.thresholds == thresholds and alone.val_cases == 2
+    logged = re.findall(r"(WT|TC|ET) [\d.]+ \(Dice ([\d.]+)\)", proc.stderr)
+    assert logged == [(r, f"{alone.dice[r]:.4f}") for r in REGION_NAMES], proc.stderr[-3000:]
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*calibrated*"))  # nothing half-written
 
 
