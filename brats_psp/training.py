@@ -119,13 +119,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _sum_over_ranks(values: np.ndarray, runtime: Runtime) -> np.ndarray:
+    """``values`` added element-wise over the processes, float64 (as they are with one process)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not runtime.distributed:
+        return values
+    t = torch.tensor(values, device=runtime.device)  # a copy: the caller's array stays as it was
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
 def _reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
     if not runtime.distributed:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(t)
-    return {k: float(v) / runtime.world_size for k, v in zip(keys, t.tolist())}
+    sums = _sum_over_ranks(np.array([values[k] for k in keys]), runtime)
+    return {k: float(v) / runtime.world_size for k, v in zip(keys, sums)}
 
 
 def _broadcast(obj: Any, runtime: Runtime) -> Any:
@@ -142,10 +151,12 @@ def _broadcast(obj: Any, runtime: Runtime) -> Any:
 def _segment_cached(
     model: nn.Module, case_dirs: list[Path], cfg: Config, runtime: Runtime, desc: str, progress: bool
 ) -> Iterator[tuple[CachedVolume, torch.Tensor, np.ndarray, torch.Tensor]]:
-    """Each cached case segmented as ``infer`` would (preprocessed space): (volume, image
-    (4, X, Y, Z), tissue (X, Y, Z), region probabilities (3, X, Y, Z))."""
+    """This process's share of the cached cases (every ``world_size``-th from its rank; all of
+    them with one process), each segmented as ``infer`` would (preprocessed space): (volume,
+    image (4, X, Y, Z), tissue (X, Y, Z), region probabilities (3, X, Y, Z))."""
     model.eval()
-    for case_dir in tqdm(case_dirs, desc=desc, unit="case", leave=False, disable=not progress):
+    mine = case_dirs[runtime.rank :: runtime.world_size]
+    for case_dir in tqdm(mine, desc=desc, unit="case", leave=False, disable=not progress):
         vol = CachedVolume(case_dir)
         image = torch.from_numpy(np.asarray(vol.image, dtype=np.float32)).permute(1, 2, 3, 0)  # (4, X, Y, Z)
         tissue = np.asarray(vol.label).transpose(1, 2, 0)  # (X, Y, Z)
@@ -165,20 +176,15 @@ def validate(
     cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta=cfg.infer.tta and cfg.train.val_tta))
     scores: list[list[float]] = []
     example = None
-    mine = case_dirs[runtime.rank :: runtime.world_size]
-    for vol, image, tissue, probs in _segment_cached(model, mine, cfg, runtime, "validate", progress):
+    for vol, image, tissue, probs in _segment_cached(model, case_dirs, cfg, runtime, "validate", progress):
         pred = above_threshold(probs, cfg.infer.thresholds).numpy()
         ref = tissue_to_regions(tissue)
         scores.append([dice(pred[i], ref[i]) for i in range(len(REGION_NAMES))])
         if example is None and runtime.is_main:
             example = {"case_id": vol.case_id, "image": image.numpy(), "tissue": tissue, "pred": pred}
-    sums = torch.tensor([np.sum(scores, axis=0).tolist() if scores else [0.0] * 3], dtype=torch.float64)[0]
-    count = torch.tensor(float(len(scores)), dtype=torch.float64)
-    if runtime.distributed:
-        sums, count = sums.to(runtime.device), count.to(runtime.device)
-        dist.all_reduce(sums)
-        dist.all_reduce(count)
-    mean = (sums / count.clamp(min=1)).tolist()
+    sums = np.asarray(scores, dtype=np.float64).reshape(-1, len(REGION_NAMES)).sum(axis=0)
+    totals = _sum_over_ranks(np.append(sums, len(scores)), runtime)  # Dice sums and case count of all processes
+    mean = (totals[:-1] / max(1.0, totals[-1])).tolist()
     metrics = {f"val/dice_{r}": m for r, m in zip(REGION_NAMES, mean)}
     metrics["val/dice_mean"] = float(np.mean(mean))
     return metrics, example
@@ -208,14 +214,10 @@ def calibrate_thresholds(
     the same thresholds. Returns ``([WT, TC, ET] thresholds, {"WT": dice, ...})``.
     """
     small_et = cfg.infer.small_et_voxels / float(np.prod(cfg.data.spacing))  # the rule's 1 mm voxels, in cache voxels
-    sums = torch.zeros((len(REGION_NAMES), len(grid)), dtype=torch.float64)
-    mine = case_dirs[runtime.rank :: runtime.world_size]
-    for _, _, tissue, probs in _segment_cached(model, mine, cfg, runtime, "calibrate", progress):
-        sums += torch.from_numpy(calibration_dice(probs.cpu(), tissue_to_regions(tissue), grid, small_et))
-    if runtime.distributed:
-        sums = sums.to(runtime.device)
-        dist.all_reduce(sums)
-    means = sums.cpu().numpy() / max(1, len(case_dirs))
+    sums = np.zeros((len(REGION_NAMES), len(grid)))
+    for _, _, tissue, probs in _segment_cached(model, case_dirs, cfg, runtime, "calibrate", progress):
+        sums += calibration_dice(probs.cpu(), tissue_to_regions(tissue), grid, small_et)
+    means = _sum_over_ranks(sums, runtime) / max(1, len(case_dirs))
     thresholds = pick_thresholds(grid, means)
     return thresholds, {name: float(means[r][grid.index(t)]) for r, (name, t) in enumerate(zip(REGION_NAMES, thresholds))}
 

@@ -16,6 +16,8 @@ from tests.test_training import tiny_data  # noqa: F401  (fixture)
 
 
 def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    from brats_psp.checkpoint import config_of, load_checkpoint
+
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
         str(torchrun), "--standalone", "--nproc_per_node", "2",
@@ -37,8 +39,6 @@ def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noq
     assert [m.step for m in history] == [0, 1]
     best = tmp_path / "outputs" / run_ids[0] / "checkpoints" / "best.pt"
     # the calibration after the last epoch: the cases shared out, rank 0 alone writes and logs
-    from brats_psp.checkpoint import config_of, load_checkpoint
-
     assert config_of(load_checkpoint(best)).infer.region_thresholds is not None
     assert proc.stderr.count("calibrated thresholds on 2 validation case(s)") == 1, proc.stderr[-3000:]
     assert len(client.get_metric_history(run_ids[0], "calibration/threshold_TC")) == 1
