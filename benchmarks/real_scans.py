@@ -50,7 +50,8 @@ from brats_psp.data.discovery import discover_cases  # noqa: E402
 from brats_psp.io import voxel_size  # noqa: E402
 from brats_psp.labels import REGION_NAMES, REGIONS, release_to_regions, release_to_tissue  # noqa: E402
 from brats_psp.metrics import region_metrics  # noqa: E402
-from brats_psp.segment import ensemble_config, load_models, segment_cases  # noqa: E402
+from brats_psp.checkpoint import LoadedModel  # noqa: E402
+from brats_psp.segment import Models, ensemble_config, load_models, segment_cases  # noqa: E402
 from benchmarks.depth import band_masks, band_names, brain_depth, count_by_depth  # noqa: E402
 
 log = logging.getLogger("real_scans")
@@ -236,14 +237,16 @@ def without_contrast(models: Any, cases: list[Any], out: Path, cfg: Any) -> dict
 
 
 def run(
-    model: str | list[str], real: Path | list[Path], refs: Path | None, out: Path, overrides: list[str], contrast_check: bool = True
+    model: Models, real: Path | list[Path], refs: Path | None, out: Path, overrides: list[str], contrast_check: bool = True
 ) -> dict[str, Any]:
-    """Segment (with one model or an ensemble), score and draw every case under ``real`` (one folder,
-    or several: each with its own ``references/``; ``refs`` only goes with one); return (and write) the results."""
+    """Segment (with one model or an ensemble: names, or models already loaded), score and draw
+    every case under ``real`` (one folder, or several: each with its own ``references/``; ``refs``
+    only goes with one); return (and write) the results."""
     folders = [Path(real)] if isinstance(real, (str, Path)) else [Path(r) for r in real]
     if refs is not None and len(folders) > 1:
         raise ValueError("a references folder goes with one folder of cases; with several, each one's references/ is used")
     models = load_models(model)
+    names = [str(m.checkpoint) if isinstance(m, LoadedModel) else str(m) for m in (model if isinstance(model, list) else [model])]
     cfg = apply_overrides(ensemble_config(models), overrides).infer
     pred_dir = out / "predictions"
     cases, failures, per_folder = [], [], []
@@ -275,7 +278,7 @@ def run(
         for region in REGION_NAMES
     } if scored else {}
     summary = {
-        "model": model if isinstance(model, str) or len(model) > 1 else model[0],
+        "model": names[0] if len(names) == 1 else names,
         "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
         "run_id": models[0].run_id if len(models) == 1 else [m.run_id for m in models],
         "infer": dataclasses.asdict(cfg),

@@ -109,7 +109,7 @@ def score(model: str, real: list[Path], synthetic: dict[str, Path], out: Path, o
     for key, used, default in stale_postprocessing(cfg, overrides):
         log.warning("%s: scored with the model's infer.%s=%s, not today's default %s (override it to compare with today's)", model, key, used, default)
     if real:
-        summary = real_scans(model, real, None, out / "real", overrides, contrast_check=False)
+        summary = real_scans(loaded, real, None, out / "real", overrides, contrast_check=False)  # loaded once
         for case, scores in summary["scored"].items():
             result["dice"][case] = [round(scores[r]["dice"], 4) for r in REGIONS]
             result["hd95"][case] = [round(scores[r]["hd95"], 2) for r in REGIONS]

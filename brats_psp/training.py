@@ -251,21 +251,24 @@ def pick_thresholds(grid: tuple[float, ...], means: np.ndarray) -> list[float]:
     return [float(grid[int(order[np.argmax(row[order])])]) for row in np.asarray(means)]
 
 
-def calibrate_best_checkpoint(run: TrainingRun, progress: bool = False) -> None:
+def calibrate_best_checkpoint(run: TrainingRun, progress: bool = False) -> dict[str, Any] | None:
     """Calibrate the best checkpoint's thresholds on the validation cases and store them in its
     config (``infer.region_thresholds``), so that ``infer`` uses them; logged to the run.
 
-    Every process calls it: rank 0 reads the checkpoint and sends it to the others (which may
-    run on machines without its file), each scores its share of the cases, and rank 0 writes.
+    Every process calls it: rank 0 reads the checkpoint and sends its config and weights (not
+    the optimizer's state) to the others, which may run on machines without its file; each
+    scores its share of the cases, and rank 0 writes. Returns, on rank 0, the best checkpoint
+    as written (calibrated or not), so that the caller need not read it again; None elsewhere.
     """
-    cfg = run.cfg
+    cfg, is_main = run.cfg, run.runtime.is_main
+    ckpt = load_checkpoint(run.best_path) if is_main else None
     if not cfg.train.calibrate_threshold or not run.data.val_dirs:
-        return
-    ckpt = _broadcast(load_checkpoint(run.best_path) if run.runtime.is_main else None, run.runtime)
-    model = build_model_from_checkpoint(ckpt).to(run.runtime.device)
+        return ckpt
+    sent = _broadcast({"config": ckpt["config"], "model": ckpt["model"]} if is_main else None, run.runtime)
+    model = build_model_from_checkpoint(sent).to(run.runtime.device)
     thresholds, val = calibrate_thresholds(model, run.data.val_dirs, cfg, run.runtime, progress=progress)
-    if not run.runtime.is_main:
-        return
+    if not is_main:
+        return None
     ckpt["config"]["infer"]["region_thresholds"] = thresholds
     save_checkpoint(run.best_path, ckpt)
     log.info(
@@ -276,6 +279,7 @@ def calibrate_best_checkpoint(run: TrainingRun, progress: bool = False) -> None:
     metrics.update({f"calibration/val_dice_{r}": d for r, d in val.items()})
     metrics["calibration/val_dice_mean"] = float(np.mean(list(val.values())))
     run.tracker.log_metrics(metrics, step=cfg.train.epochs - 1)
+    return ckpt
 
 
 #: Overrides :func:`recalibrate` accepts: how ``infer`` labels (``infer.*``), where the data lives
@@ -752,12 +756,12 @@ def finish_run(run: TrainingRun) -> TrainResult:
         if not run.best_path.exists():  # no validation ran (train.val_every > train.epochs)
             log.warning("no validation ran, so there is no best checkpoint: %s stands in for it", run.last_path)
             save_checkpoint(run.best_path, load_checkpoint(run.last_path))
-    calibrate_best_checkpoint(run)
+    best = calibrate_best_checkpoint(run)
     if not run.runtime.is_main:
         return run_result(run)
     tracker.log_artifact(run.best_path, "checkpoints")
     if cfg.tracking.log_model:
-        best_model = build_model_from_checkpoint(load_checkpoint(run.best_path))
+        best_model = build_model_from_checkpoint(best)
         wrapped = RegionProbabilities(best_model, cfg.model.output)
         example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
         tracker.log_model(wrapped, example_input, cfg.tracking.register_name, checkpoint=run.best_path)

@@ -42,6 +42,9 @@ def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path) -> None:  # noq
     assert config_of(load_checkpoint(best)).infer.region_thresholds is not None
     assert proc.stderr.count("calibrated thresholds on 2 validation case(s)") == 1, proc.stderr[-3000:]
     assert len(client.get_metric_history(run_ids[0], "calibration/threshold_TC")) == 1
+    # rank 1 says only what goes wrong: one "preprocessed" line (rank 0's), every line tagged
+    assert proc.stderr.count("preprocessed ") == 1 and "[rank 0] INFO" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 1] INFO" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_calibrate_under_torchrun_writes_once(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
