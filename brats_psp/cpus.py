@@ -1,4 +1,5 @@
-"""How many CPU cores this process may use, and how many worker processes to start.
+"""How many CPU cores this process may use, how many worker processes to start, and which of
+torchrun's processes this one is.
 
 Torch-free, so that stages which do not need torch (``demo-data``) do not import it.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available_cores", "default_workers"]
+__all__ = ["available_cores", "default_workers", "launch_rank"]
 
 
 def available_cores() -> int:
@@ -20,3 +21,8 @@ def available_cores() -> int:
 def default_workers(limit: int = 8) -> int:
     """Worker processes for a CPU-bound stage over many cases: one per available core, at most ``limit``."""
     return max(1, min(available_cores(), limit))
+
+
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process as torchrun's environment says; ``(0, 1)`` without it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

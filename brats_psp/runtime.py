@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from brats_psp.cpus import launch_rank
+
 __all__ = ["Runtime", "cpu_has_bf16", "setup_runtime", "seed_everything", "rng_state", "set_rng_state", "autocast", "shutdown"]
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,7 @@ def _resolve_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
     """Pick the device and precision; join the process group when started by ``torchrun``."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from brats_psp.config import ConfigError, load_config  # noqa: E402
+from brats_psp.cpus import launch_rank  # noqa: E402
 from brats_psp.errors import CaseError, CheckpointError, DiscoveryError, RunError  # noqa: E402
 
 log = logging.getLogger("brats_psp")
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun the processes other than rank 0 say only what goes wrong (--verbose: all),
     # each line with its rank, so that the log reads as one run's.
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = launch_rank()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s {f'[rank {rank}] ' if world_size > 1 else ''}%(levelname)s %(name)s: %(message)s",
