@@ -257,13 +257,15 @@ def calibrate_best_checkpoint(run: TrainingRun, progress: bool = False) -> dict[
 
     Every process calls it: rank 0 reads the checkpoint and sends its config and weights (not
     the optimizer's state) to the others, which may run on machines without its file; each
-    scores its share of the cases, and rank 0 writes. Returns, on rank 0, the best checkpoint
-    as written (calibrated or not), so that the caller need not read it again; None elsewhere.
+    scores its share of the cases, and rank 0 writes. Returns, on rank 0, the calibrated
+    checkpoint as written, so that the caller need not read it again; None elsewhere and when
+    there is nothing to calibrate (``train.calibrate_threshold`` off or no validation cases:
+    the checkpoint is not read then).
     """
     cfg, is_main = run.cfg, run.runtime.is_main
-    ckpt = load_checkpoint(run.best_path) if is_main else None
     if not cfg.train.calibrate_threshold or not run.data.val_dirs:
-        return ckpt
+        return None
+    ckpt = load_checkpoint(run.best_path) if is_main else None
     sent = _broadcast({"config": ckpt["config"], "model": ckpt["model"]} if is_main else None, run.runtime)
     model = build_model_from_checkpoint(sent).to(run.runtime.device)
     thresholds, val = calibrate_thresholds(model, run.data.val_dirs, cfg, run.runtime, progress=progress)
@@ -761,7 +763,7 @@ def finish_run(run: TrainingRun) -> TrainResult:
         return run_result(run)
     tracker.log_artifact(run.best_path, "checkpoints")
     if cfg.tracking.log_model:
-        best_model = build_model_from_checkpoint(best)
+        best_model = build_model_from_checkpoint(best if best is not None else load_checkpoint(run.best_path))
         wrapped = RegionProbabilities(best_model, cfg.model.output)
         example_input = torch.zeros(1, cfg.data.in_channels, *cfg.infer.roi_size)
         tracker.log_model(wrapped, example_input, cfg.tracking.register_name, checkpoint=run.best_path)

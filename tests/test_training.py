@@ -97,6 +97,20 @@ def test_train_logs_a_complete_mlflow_run(tiny_data: Path, tmp_path: Path) -> No
     assert config_of(load_checkpoint(result.last_checkpoint)).infer.region_thresholds is None
 
 
+def test_without_calibration_the_logged_model_is_the_best_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    """With ``train.calibrate_threshold`` off, nothing is calibrated and the MLflow model is
+    built from best.pt as training wrote it: the same weights, no thresholds."""
+    cfg = smoke_config(tmp_path, "train.calibrate_threshold=false")
+    result = train(cfg, data=tiny_data, progress=False)
+    state = load_checkpoint(result.best_checkpoint)
+    assert config_of(state).infer.region_thresholds is None
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
+    assert not any(key.startswith("calibration/") for key in run.data.metrics)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    torch.testing.assert_close(logged.net.state_dict(), state["model"])
+
+
 def test_calibrate_stage_recalibrates_a_trained_model(tiny_data: Path, tmp_path: Path) -> None:
     """`calibrate` on a model trained without calibration: the thresholds calibrate_thresholds
     picks on the model's own validation cases, with the infer overrides, stored in the
